@@ -70,7 +70,7 @@ def float_sss(dtype, glt, bias):
             bias=[randn(g, E, N, dtype=bias_dtype)] if bias else None,
             group_list=group_list_for(COUNTS, glt), group_list_type=glt, group_type=0, split_item=2,
         )
-    return Case(f"float-sss-{dtype}-glt{glt}-bias{int(bias)}", build, dtype)
+    return Case(f"float-sss-{dtype}-glt{glt}-bias{int(bias)}", build, dtype, {"cpu_fast"})
 
 
 def float_single_multi_single(dtype, api):
@@ -159,7 +159,7 @@ def quant_per_channel(scale_dtype, api, bias_kind):
             kw.update(weight=[rand_int8(g, E, K, N)], scale=[scale], group_list=group_list_for(COUNTS, 1),
                       group_list_type=1, group_type=0)
         return kw
-    return Case(f"quant-per-channel-{scale_dtype}-{api}-bias_{bias_kind}", build, out)
+    return Case(f"quant-per-channel-{scale_dtype}-{api}-bias_{bias_kind}", build, out, {"cpu_fast"})
 
 
 def quant_per_token(scale_dtype, act_type, bias_kind, glt=1):
@@ -184,20 +184,20 @@ def quant_per_token(scale_dtype, act_type, bias_kind, glt=1):
         return dict(x=[x], weight=[rand_int8(g, E, K, N)], scale=[scale], per_token_scale=[pts], bias=bias,
                     group_list=group_list, group_list_type=glt, group_type=0, split_item=2,
                     act_type=act_type, output_dtype=out)
-    return Case(f"quant-per-token-{scale_dtype}-act{act_type}-bias_{bias_kind}-glt{glt}", build, out)
+    return Case(f"quant-per-token-{scale_dtype}-act{act_type}-bias_{bias_kind}-glt{glt}", build, out, {"cpu_fast"})
 
 
 def quant_int32_out():
     def build(g):
         return dict(x=[rand_int8(g, M, K)], weight=[rand_int8(g, E, K, N)], group_list=group_list_for(COUNTS, 0),
                     group_list_type=0, group_type=0, split_item=3, output_dtype=torch.int32)
-    return Case("quant-int32-out", build, torch.int32)
+    return Case("quant-int32-out", build, torch.int32, {"cpu_fast"})
 
 
 # ------------------------------------------------------------------------------------ weight-only
 
-def antiquant(bits, dtype, granularity, asym, scenario, bias=False):
-    groups = K // 16 if granularity == "group" else None
+def antiquant(bits, dtype, granularity, asym, scenario, bias=False, group_size=32):
+    groups = K // group_size if granularity == "group" else None
 
     def params(g, lead):
         shape = lead + ((groups,) if groups else ()) + (N,)
@@ -235,8 +235,10 @@ def antiquant(bits, dtype, granularity, asym, scenario, bias=False):
         if bias:
             kw["bias"] = [randn(g, N, dtype=bias_dtype) for _ in COUNTS]
         return kw
-    name = f"antiquant-int{bits}-{dtype}-{granularity}-{'asym' if asym else 'sym'}-{scenario}-bias{int(bias)}"
-    return Case(name, build, dtype)
+    name = f"antiquant-int{bits}-{dtype}-{granularity}{group_size if groups else ''}-{'asym' if asym else 'sym'}-{scenario}-bias{int(bias)}"
+    # The CPU int4 kernel takes group sizes 32..256 and N % 16 == 0; smaller groups use the reference math.
+    fast = bits == 8 or group_size >= 32
+    return Case(name, build, dtype, {"cpu_fast"} if fast else set())
 
 
 CASES: list[Case] = []
@@ -272,6 +274,7 @@ for dt in (torch.float16, torch.bfloat16):
         CASES.append(antiquant(4, dt, "channel", asym, "sss"))
         CASES.append(antiquant(4, dt, "group", asym, "sss", bias=not asym))
         CASES.append(antiquant(4, dt, "group", asym, "single-multi"))
+    CASES.append(antiquant(4, dt, "group", True, "sss", group_size=16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -284,6 +287,22 @@ def test_mode_matches_float64(case: Case, backend: str):
     assert len(outs) == len(refs)
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert_matches(out, ref, case.out_dtype, f"{case.name}[{i}] on {backend}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "cpu_fast" in c.tags], ids=lambda c: c.name)
+def test_cpu_backend_uses_its_fast_kernels(case: Case, monkeypatch):
+    """The cpu backend must not quietly fall back to the reference formulas where a fast kernel fits."""
+    from gmmquant.kernels.backends import cpu
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("cpu backend fell back to reference.compute_group")
+
+    monkeypatch.setattr(cpu.reference, "compute_group", no_fallback)
+    kwargs = case.build(gen(zlib.crc32(case.name.encode())))
+    outs = grouped_matmul(backend="cpu", **kwargs)
+    refs = oracle_gmm(**{k: v for k, v in kwargs.items() if k != "output_dtype"})
+    for out, ref in zip(outs, refs):
+        assert_matches(out, ref, case.out_dtype, case.name)
 
 
 def test_every_case_has_random_nonzero_data():

@@ -1,3 +1,172 @@
+"""The cpu backend: PyTorch's fastest CPU kernels for each mode, the reference formulas elsewhere.
+
+- float, single x and 3-D weight in expert order: `F.grouped_mm` (one call for all experts);
+  other float calls: one `torch.mm` per non-empty group.
+- weight-only int8, per-channel: `aten._weight_int8pack_mm` on an `[N, K]` copy of each expert, plus a
+  rank-1 correction `rowsum(x) * (offset * scale)` for an asymmetric offset.
+- weight-only int4: `aten._weight_int4pack_mm_for_cpu` on the CPU's int4 layout; per-channel scales are
+  expanded to the largest supported group size (32-256) that divides K.
+- int8 x int8: `torch._int_mm` for the int32 accumulator, then the reference epilogue.
+Repacked weights are cached per (weight tensor, expert) and rebuilt if the tensor changes in place; they
+are never written to disk. Empty groups cost nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..int4 import unpack_int4
+from ..plan import GMMPlan, Group, Mode, Operands
 from . import reference
-def run(plan):
-    return reference.run(plan)
+
+INT4_CPU_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+
+_cache: dict[tuple, tuple[tuple, Tensor]] = {}
+
+
+def _stamp(t: Optional[Tensor]) -> tuple:
+    return (None,) if t is None else (t.data_ptr(), t._version, tuple(t.shape))
+
+
+def cached_repack(owner: Tensor, expert: Optional[int], kind: str, sources: tuple[Optional[Tensor], ...], build: Callable[[], Tensor]) -> Tensor:
+    """Return `build()`, memoised on (owner tensor, expert, kind) while `sources` are unchanged.
+
+    Entries die with the owner tensor (weakref finalizer), so a freed weight frees its repacked copies.
+    """
+    key = (id(owner), expert, kind)
+    stamp = tuple(s for t in sources for s in _stamp(t))
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = build()
+    if hit is None:
+        weakref.finalize(owner, _cache.pop, key, None)
+    _cache[key] = (stamp, value)
+    return value
+
+
+def clear_cache() -> None:
+    """Drop every repacked weight (e.g. before measuring memory)."""
+    _cache.clear()
+
+
+def _aligned_for_grouped_mm(*tensors: Tensor) -> bool:
+    # grouped_mm requires 16-byte aligned strides for every non-unit dimension.
+    return all(
+        all((stride * t.element_size()) % 16 == 0 for stride, size in zip(t.stride(), t.shape) if stride != 1 and size > 1)
+        for t in tensors
+    )
+
+
+def _float_grouped_mm(plan: GMMPlan) -> Optional[Tensor]:
+    """All experts in one F.grouped_mm call, or None when the call does not fit it."""
+    x, w = plan.x, plan.weight
+    if not plan.experts_in_order or x.shape[0] == 0 or not _aligned_for_grouped_mm(x, w):
+        return None
+    ends = torch.tensor([g.stop for g in plan.groups], dtype=torch.int32)
+    y = F.grouped_mm(x, w, offs=ends)
+    if plan.bias is not None:
+        sizes = torch.tensor([g.size for g in plan.groups])
+        y = (y.float() + plan.bias[0].float().repeat_interleave(sizes, dim=0)).to(plan.out_dtype)
+    return y
+
+
+def _float_group(op: Operands, out_dtype: torch.dtype) -> Tensor:
+    y = op.x @ op.weight
+    if op.bias is not None:
+        y = (y.float() + op.bias.float()).to(out_dtype)
+    return y
+
+
+def _int8_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
+    k = op.weight.shape[0]
+    if k % 8:  # the int8pack kernel needs K to be a multiple of 8
+        return reference.compute_group(plan, op)
+    owner = plan.weights[g.w_index]
+    w_nk = cached_repack(owner, g.expert, "int8_nk", (owner,), lambda: op.weight.t().contiguous())
+    scale = op.antiquant_scale
+    y = torch.ops.aten._weight_int8pack_mm(op.x, w_nk, scale)
+    if op.antiquant_offset is None and op.bias is None:
+        return y
+    y = y.float()
+    if op.antiquant_offset is not None:
+        # x @ ((q + o) * s) = x @ (q * s) + rowsum(x) * (o * s)
+        y = y + op.x.float().sum(dim=-1, keepdim=True) * (op.antiquant_offset.float() * scale.float())
+    if op.bias is not None:
+        y = y + op.bias.float()
+    return y.to(plan.out_dtype)
+
+
+def _int4_cpu_group_size(k: int, quant_groups: int) -> Optional[int]:
+    """The CPU kernel's group size for a weight with `quant_groups` scale rows (1 = per-channel)."""
+    span = k // quant_groups
+    for size in INT4_CPU_GROUP_SIZES:
+        if span % size == 0:
+            return size
+    return None
+
+
+def _int4_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
+    k, n = op.weight.shape[0], op.weight.shape[1] * 8
+    scale = op.antiquant_scale
+    per_group = scale.dim() == 2
+    groups = scale.shape[0] if per_group else 1
+    size = _int4_cpu_group_size(k, groups)
+    if size is None or n % 16:
+        return reference.compute_group(plan, op)
+    owner = plan.weights[g.w_index]
+    x_dtype = op.x.dtype
+
+    def pack() -> Tensor:
+        unsigned = (unpack_int4(op.weight).to(torch.int32) + 8).t().contiguous()  # [N, K] in 0..15
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+
+    def scale_and_zeros() -> Tensor:
+        s = scale.float() if per_group else scale.float().unsqueeze(0)
+        o = None if op.antiquant_offset is None else (op.antiquant_offset.float() if per_group else op.antiquant_offset.float().unsqueeze(0))
+        # (q + o) * s == (u - 8) * s + o * s with u = q + 8: the kernel's scale is s and its zero o * s.
+        zeros = torch.zeros_like(s) if o is None else o * s
+        repeat = k // groups // size
+        table = torch.stack([s, zeros], dim=-1).repeat_interleave(repeat, dim=0)
+        return table.to(x_dtype).contiguous()
+
+    packed = cached_repack(owner, g.expert, "int4_cpu", (owner,), pack)
+    sources = (op.antiquant_scale, op.antiquant_offset)
+    table = cached_repack(plan.antiquant_scale[g.w_index], g.expert, f"int4_sz_{x_dtype}", sources, scale_and_zeros)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(op.x, packed, size, table)
+    if op.bias is not None:
+        y = (y.float() + op.bias.float()).to(plan.out_dtype)
+    return y
+
+
+def _int8_full_quant(plan: GMMPlan, op: Operands) -> Tensor:
+    acc = torch._int_mm(op.x, op.weight) if op.weight.stride(-1) == 1 else torch._int_mm(op.x, op.weight.contiguous())
+    return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
+
+
+def compute_group(plan: GMMPlan, g: Group) -> Tensor:
+    op = plan.operands(g)
+    if plan.mode is Mode.FLOAT:
+        return _float_group(op, plan.out_dtype)
+    if plan.mode is Mode.ANTIQUANT:
+        if plan.weight_bits == 8:
+            return _int8_weight_only(plan, g, op)
+        return _int4_weight_only(plan, g, op)
+    return _int8_full_quant(plan, op)
+
+
+def run(plan: GMMPlan) -> list[Tensor]:
+    """Execute a validated plan with the CPU fast paths."""
+    if plan.mode is Mode.FLOAT and plan.output == "single":
+        y = _float_grouped_mm(plan)
+        if y is not None:
+            return [y]
+    results = []
+    for g in plan.groups:
+        results.append(plan.empty_result(g) if g.size == 0 else compute_group(plan, g))
+    return plan.assemble(results)
