@@ -1,4 +1,4 @@
-"""One MoE layer's grouped matmul on this CPU: bf16 F.grouped_mm vs W8A16 / W4A16-g128 through grouped_matmul.
+"""One MoE layer's grouped matmul on this CPU: HF's bf16 F.grouped_mm vs W8A16 / W4A16-g128 via grouped_matmul.
 
 Usage: python benchmarks/bench_gmm.py [--shapes small,qwen3] [--tokens 1,16,128,1024,4096] [--reps 20]
 
@@ -37,7 +37,8 @@ def median_ms(fn, reps: int, budget_s: float = 20.0) -> float:
 def make_layer(experts: int, k: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(experts, k, n, generator=g) / k**0.5
-    w_bf16 = w.to(torch.bfloat16)
+    # HF keeps expert weights as [E, N, K] and hands grouped_mm the transposed view: the baseline does too.
+    w_bf16 = w.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
     s8 = w.abs().amax(dim=1) / 127
     q8 = torch.round(w / s8.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
     groups = k // 128

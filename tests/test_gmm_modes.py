@@ -320,3 +320,16 @@ def test_empty_groups_give_empty_blocks_and_all_empty_call():
         (y,) = grouped_matmul([x], [w], group_list=torch.zeros(E, dtype=torch.int64), group_list_type=1,
                               group_type=0, split_item=2, backend=backend)
         assert y.shape == (0, N) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith(("float-sss", "antiquant-int4", "quant-per-token"))][:8], ids=lambda c: c.name)
+def test_cuda_backend_logic(case: Case):
+    """The cuda backend's dispatch, run on CPU tensors (no GPU here): same results as the oracle."""
+    from gmmquant.kernels import check_grouped_matmul
+    from gmmquant.kernels.backends import cuda
+
+    kwargs = case.build(gen(5))
+    outs = cuda.run(check_grouped_matmul(**kwargs))
+    refs = oracle_gmm(**{k: v for k, v in kwargs.items() if k != "output_dtype"})
+    for out, ref in zip(outs, refs):
+        assert_matches(out, ref, case.out_dtype, case.name)

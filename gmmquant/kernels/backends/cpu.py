@@ -17,12 +17,12 @@ import weakref
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..int4 import unpack_int4
 from ..plan import GMMPlan, Group, Mode, Operands
 from . import reference
+from .float_grouped import float_grouped_mm
 
 INT4_CPU_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
@@ -53,27 +53,6 @@ def cached_repack(owner: Tensor, expert: Optional[int], kind: str, sources: tupl
 def clear_cache() -> None:
     """Drop every repacked weight (e.g. before measuring memory)."""
     _cache.clear()
-
-
-def _aligned_for_grouped_mm(*tensors: Tensor) -> bool:
-    # grouped_mm requires 16-byte aligned strides for every non-unit dimension.
-    return all(
-        all((stride * t.element_size()) % 16 == 0 for stride, size in zip(t.stride(), t.shape) if stride != 1 and size > 1)
-        for t in tensors
-    )
-
-
-def _float_grouped_mm(plan: GMMPlan) -> Optional[Tensor]:
-    """All experts in one F.grouped_mm call, or None when the call does not fit it."""
-    x, w = plan.x, plan.weight
-    if not plan.experts_in_order or x.shape[0] == 0 or not _aligned_for_grouped_mm(x, w):
-        return None
-    ends = torch.tensor([g.stop for g in plan.groups], dtype=torch.int32)
-    y = F.grouped_mm(x, w, offs=ends)
-    if plan.bias is not None:
-        sizes = torch.tensor([g.size for g in plan.groups])
-        y = (y.float() + plan.bias[0].float().repeat_interleave(sizes, dim=0)).to(plan.out_dtype)
-    return y
 
 
 def _float_group(op: Operands, out_dtype: torch.dtype) -> Tensor:
@@ -163,7 +142,7 @@ def compute_group(plan: GMMPlan, g: Group) -> Tensor:
 def run(plan: GMMPlan) -> list[Tensor]:
     """Execute a validated plan with the CPU fast paths."""
     if plan.mode is Mode.FLOAT and plan.output == "single":
-        y = _float_grouped_mm(plan)
+        y = float_grouped_mm(plan)
         if y is not None:
             return [y]
     results = []

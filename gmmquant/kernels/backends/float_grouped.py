@@ -1,0 +1,34 @@
+"""One F.grouped_mm call for a float MoE call whose groups are the experts in order (cpu and cuda)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..plan import GMMPlan
+
+
+def _aligned_for_grouped_mm(*tensors: Tensor) -> bool:
+    # grouped_mm requires 16-byte aligned strides for every non-unit dimension.
+    return all(
+        all((stride * t.element_size()) % 16 == 0 for stride, size in zip(t.stride(), t.shape) if stride != 1 and size > 1)
+        for t in tensors
+    )
+
+
+def float_grouped_mm(plan: GMMPlan) -> Optional[Tensor]:
+    """All experts in one F.grouped_mm call, or None when the call does not fit it."""
+    x, w = plan.x, plan.weight
+    if not plan.experts_in_order or x.shape[0] == 0 or not _aligned_for_grouped_mm(x, w):
+        return None
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return None
+    ends = torch.tensor([g.stop for g in plan.groups], dtype=torch.int32, device=x.device)
+    y = F.grouped_mm(x, w, offs=ends)
+    if plan.bias is not None:
+        sizes = torch.tensor([g.size for g in plan.groups], device=x.device)
+        y = (y.float() + plan.bias[0].float().repeat_interleave(sizes, dim=0)).to(plan.out_dtype)
+    return y
