@@ -22,12 +22,12 @@ SHAPES = {"small": (64, 1024, 1024), "qwen3": (128, 2048, 1536)}  # (E, K, N); q
 
 
 def median_ms(fn, reps: int, budget_s: float = 20.0) -> float:
-    fn()  # warm-up: builds repack caches, first-touch allocations
+    """Median wall time of fn(i) over i = 0..reps-1 (after one warm-up call per distinct input)."""
     times = []
     deadline = time.perf_counter() + budget_s
-    for _ in range(reps):
+    for i in range(reps):
         start = time.perf_counter()
-        fn()
+        fn(i)
         times.append((time.perf_counter() - start) * 1e3)
         if time.perf_counter() > deadline and len(times) >= 3:
             break
@@ -61,16 +61,37 @@ def bench_shape(name: str, experts: int, k: int, n: int, tokens: list[int], reps
     layer = make_layer(experts, k, n)
     rows = []
     for m in tokens:
-        counts = route(m, experts)
+        # A fresh routing per timed call, as in decode: the experts hit change from step to step, so their
+        # weights stream from memory instead of sitting warm in the cache.
+        routes = [route(m, experts, seed=i) for i in range(reps)]
+        offs = [c.cumsum(0).to(torch.int32) for c in routes]
         x = torch.randn(m, k).to(torch.bfloat16)
-        offs = counts.cumsum(0).to(torch.int32)
-        common = dict(group_list=counts, group_list_type=1, group_type=0, split_item=2, backend="cpu")
+        common = dict(group_list_type=1, group_type=0, split_item=2, backend="cpu")
+
+        def bf16(i):
+            return F.grouped_mm(x, layer["bf16"], offs=offs[i])
+
+        def w8(i):
+            return grouped_matmul([x], [layer["w8"]], antiquant_scale=[layer["s8"]], group_list=routes[i], **common)
+
+        def w4(i):
+            return grouped_matmul([x], [layer["w4"]], antiquant_scale=[layer["s4"]], group_list=routes[i], **common)
+
+        # Warm-up: one call with every expert hit builds the per-expert repack caches (a load-time cost).
+        all_experts = torch.full((experts,), 1, dtype=torch.int64)
+        xw = torch.randn(experts, k).to(torch.bfloat16)
+        grouped_matmul([xw], [layer["w8"]], antiquant_scale=[layer["s8"]], group_list=all_experts, **common)
+        grouped_matmul([xw], [layer["w4"]], antiquant_scale=[layer["s4"]], group_list=all_experts, **common)
         budget = 60.0 if m >= 1024 else 20.0
-        t_bf16 = median_ms(lambda: F.grouped_mm(x, layer["bf16"], offs=offs), reps, budget)
-        t_w8 = median_ms(lambda: grouped_matmul([x], [layer["w8"]], antiquant_scale=[layer["s8"]], **common), reps, budget)
-        t_w4 = median_ms(lambda: grouped_matmul([x], [layer["w4"]], antiquant_scale=[layer["s4"]], **common), reps, budget)
-        rows.append((name, experts, k, n, m, int((counts > 0).sum()), t_bf16, t_w8, t_w4))
+        t_bf16 = median_ms(bf16, reps, budget)
+        t_w8 = median_ms(w8, reps, budget)
+        t_w4 = median_ms(w4, reps, budget)
+        hit = statistics.median(int((c > 0).sum()) for c in routes)
+        rows.append((name, experts, k, n, m, hit, t_bf16, t_w8, t_w4))
         print(f"  {name} M={m}: bf16 {t_bf16:.2f} ms, w8a16 {t_w8:.2f} ms, w4a16-g128 {t_w4:.2f} ms", flush=True)
+    mib = 2**20
+    print(f"  {name} expert weights: bf16 {layer['bf16'].numel() * 2 / mib:.0f} MiB, "
+          f"int8 {layer['w8'].numel() / mib:.0f} MiB, int4 {layer['w4'].numel() * 4 / mib:.0f} MiB (+ scales)")
     return rows
 
 

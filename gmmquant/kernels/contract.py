@@ -13,6 +13,7 @@ The two APIs of the spec:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Optional, Sequence
 
@@ -187,13 +188,8 @@ def check_grouped_matmul(
     def as_list(v: Any) -> Optional[list[Tensor]]:
         return None if v is None else list(v)
 
-    in_order = (
-        x_single
-        and w_single
-        and group_type == 0
-        and group_list_type in (0, 1)
-        and all(g.expert == i for i, g in enumerate(plan_groups))
-    )
+    # group_list forms 0 and 1 list the experts in order by construction; form 2 may skip or repeat them.
+    in_order = x_single and w_single and group_type == 0 and group_list_type in (0, 1)
     return GMMPlan(
         mode=mode,
         groups=plan_groups,
@@ -535,16 +531,15 @@ def _plan_groups(
     if sum(sizes) != total_axis:
         form = {0: "the last cumulative value", 1: "the sum of the counts", 2: "the sum of the second column"}[0 if api == "list" else group_list_type]
         _fail("group_list.total", f"{form} of group_list is {sum(sizes)} but {axis} is {total_axis}")
-    groups, shapes, start = [], [], 0
-    for g, (e, size) in enumerate(zip(experts, sizes)):
-        if w_single and group_type != 2:
-            groups.append(Group(0, start, start + size, 0, e))
-        elif group_type == 2:
-            groups.append(Group(0, start, start + size, 0, None))
-        else:
-            groups.append(Group(0, start, start + size, e, None))
-        shapes.append((size, n[0 if w_single else e]))
-        start += size
+    ends = list(itertools.accumulate(sizes))
+    starts = [0] + ends[:-1]
+    if group_type == 2:
+        groups = [Group(0, a, b, 0, None) for a, b in zip(starts, ends)]
+    elif w_single:
+        groups = [Group(0, a, b, 0, e) for a, b, e in zip(starts, ends, experts)]
+    else:
+        groups = [Group(0, a, b, e, None) for a, b, e in zip(starts, ends, experts)]
+    shapes = [(size, n[0 if w_single else e]) for e, size in zip(experts, sizes)]
     return groups, shapes
 
 

@@ -145,7 +145,4 @@ def run(plan: GMMPlan) -> list[Tensor]:
         y = float_grouped_mm(plan)
         if y is not None:
             return [y]
-    results = []
-    for g in plan.groups:
-        results.append(plan.empty_result(g) if g.size == 0 else compute_group(plan, g))
-    return plan.assemble(results)
+    return plan.assemble([compute_group(plan, g) if g.size else None for g in plan.groups])

@@ -74,10 +74,4 @@ def compute_group(plan: GMMPlan, op: Operands) -> Tensor:
 
 def run(plan: GMMPlan) -> list[Tensor]:
     """Execute a validated plan group by group."""
-    results = []
-    for g in plan.groups:
-        if g.size == 0:
-            results.append(plan.empty_result(g))
-        else:
-            results.append(compute_group(plan, plan.operands(g)))
-    return plan.assemble(results)
+    return plan.assemble([compute_group(plan, plan.operands(g)) if g.size else None for g in plan.groups])

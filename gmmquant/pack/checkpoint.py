@@ -1,0 +1,252 @@
+"""Save and load gmmquant checkpoints (format v1, see format.py and docs/FORMAT.md).
+
+A checkpoint is a normal HF model directory: config.json with a `quantization_config`, tokenizer and other
+files copied from the source, safetensors shards (+ index). Saving is atomic; loading validates every
+expert tensor's name, dtype and shape against its scheme and the kernel contract, and reports all
+problems at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .format import (
+    FORMAT_VERSION,
+    ExpertsSpec,
+    FormatError,
+    build_quantization_config,
+    expert_tensor_owner,
+    parse_quantization_config,
+    validate_tensors,
+)
+from .primitives import QuantizedWeight
+from .schemes import QuantScheme
+from .shards import INDEX_NAME, SINGLE_NAME, ShardWriter, atomic_output_dir, parse_size
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+# Files of a model directory that describe weights; everything else (tokenizer, generation config, chat
+# template, remote code) is copied as is.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+SKIPPED_FILES = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json"}
+
+
+def projection_tensors(prefix: str, proj: str, qw: QuantizedWeight, *, bias: Optional[torch.Tensor] = None,
+                       input_scale: Optional[torch.Tensor] = None, smooth_scale: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized projection, by name."""
+    base = f"{prefix}.{proj}"
+    out = {f"{base}.qweight": qw.qweight}
+    if qw.scheme.weight_only:
+        out[f"{base}.antiquant_scale"] = qw.scale
+        if qw.offset is not None:
+            out[f"{base}.antiquant_offset"] = qw.offset
+    else:
+        out[f"{base}.weight_scale"] = qw.scale
+    for name, t in (("bias", bias), ("input_scale", input_scale), ("smooth_scale", smooth_scale)):
+        if t is not None:
+            out[f"{base}.{name}"] = t
+    return out
+
+
+def copy_side_files(source_dir: Optional[Path], target: Path) -> list[str]:
+    """Copy tokenizer and other non-weight files of a model directory; return their names."""
+    if source_dir is None:
+        return []
+    copied = []
+    for path in sorted(Path(source_dir).iterdir()):
+        if path.name in SKIPPED_FILES or path.name.endswith(WEIGHT_FILE_SUFFIXES) or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, target / path.name)
+        else:
+            shutil.copy2(path, target / path.name)
+        copied.append(path.name)
+    return copied
+
+
+@dataclass
+class SaveReport:
+    path: Path
+    shards: int
+    total_bytes: int
+    copied_files: list[str]
+
+
+def save_quantized(
+    out_dir: "str | os.PathLike",
+    *,
+    config: dict[str, Any],
+    specs: dict[str, ExpertsSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    act_dtype: torch.dtype,
+    ignore: Optional[list[str]] = None,
+    source_dir: "Optional[str | os.PathLike]" = None,
+    max_shard_size: "int | str" = "2GB",
+    overwrite: bool = False,
+) -> SaveReport:
+    """Write a gmmquant checkpoint atomically.
+
+    Args:
+        out_dir: the checkpoint directory to create.
+        config: the model's config as a dict (`PretrainedConfig.to_dict()` or config.json); its
+            `quantization_config` is replaced.
+        specs: the quantized experts modules, by model path.
+        tensors: every tensor of the checkpoint as (name, tensor) pairs: the quantized expert tensors
+            (see `projection_tensors`) and the untouched non-expert tensors. May be a generator, so the
+            model never has to be in memory at once.
+        act_dtype: the model's activation dtype (bfloat16 / float16).
+        ignore: module-name patterns that were deliberately left unquantized.
+        source_dir: a model directory whose tokenizer and other non-weight files are copied.
+        max_shard_size: upper bound of one safetensors file (`"2GB"`, bytes...).
+        overwrite: replace an existing `out_dir` (still atomically).
+
+    Raises:
+        FormatError: the tensors do not form a valid checkpoint for `specs` (nothing is written).
+    """
+    qc = build_quantization_config(specs, act_dtype, ignore or [])
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config["quantization_config"] = qc
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size), metadata={"gmmquant_format_version": str(FORMAT_VERSION)})
+        seen: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for name, tensor in tensors:
+            if expert_tensor_owner(name, specs) is not None:
+                seen[name] = (tensor.dtype, tuple(tensor.shape))
+                if name.endswith("scale") and not bool(torch.isfinite(tensor).all()):
+                    raise FormatError(f"refusing to write {name}: it holds NaN or inf values")
+            writer.add(name, tensor)
+        problems = validate_tensors(specs, seen)
+        unexpected = sorted(set(seen) - {n for s in specs.values() for n in s.expected_tensors()})
+        problems += [f"unexpected tensor {n} inside a quantized experts module" for n in unexpected]
+        if problems:
+            raise FormatError("refusing to write an invalid checkpoint:\n  " + "\n  ".join(problems))
+        weight_map = writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copied = copy_side_files(Path(source_dir) if source_dir else None, tmp)
+        shards = len(set(weight_map.values()))
+        total = writer.total_bytes
+    logger.info("wrote %s: %d shard(s), %.1f MB", out_dir, shards, total / 1e6)
+    return SaveReport(Path(out_dir), shards, total, copied)
+
+
+def weight_files(path: Path) -> dict[str, str]:
+    """tensor name -> shard file of a model directory (from the index, or the single file's header)."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise FormatError(f"{index}: not a valid safetensors index ({err})") from err
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise FormatError(f"{path}: the index names shard(s) that do not exist: {missing}")
+        return weight_map
+    single = path / SINGLE_NAME
+    if not single.is_file():
+        raise FormatError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}")
+    return {name: SINGLE_NAME for name in read_header(single)}
+
+
+def read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a safetensors file, without reading tensor data."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+            return out
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FormatError(f"{file}: corrupt or truncated safetensors file ({err})") from err
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A validated gmmquant checkpoint on disk; tensors are read on demand."""
+
+    path: Path
+    config: dict[str, Any]
+    specs: dict[str, ExpertsSpec]
+    ignore: list[str]
+    act_dtype: torch.dtype
+    weight_map: dict[str, str]
+    headers: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+    def tensor(self, name: str, device: "str | torch.device" = "cpu") -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{name} is not in {self.path}")
+        try:
+            with safe_open(str(self.path / self.weight_map[name]), framework="pt", device=str(device)) as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise FormatError(f"{self.path / self.weight_map[name]}: cannot read {name} ({err})") from err
+
+    def projections(self, prefix: str, device: "str | torch.device" = "cpu") -> dict[str, QuantizedWeight]:
+        """The QuantizedWeight of each projection of one experts module."""
+        spec = self.specs[prefix]
+        out = {}
+        for proj in spec.projections:
+            base = f"{prefix}.{proj}"
+            if spec.scheme.weight_only:
+                scale = self.tensor(f"{base}.antiquant_scale", device)
+                offset = None if spec.scheme.symmetric else self.tensor(f"{base}.antiquant_offset", device)
+            else:
+                scale, offset = self.tensor(f"{base}.weight_scale", device), None
+            out[proj] = QuantizedWeight(self.tensor(f"{base}.qweight", device), scale, offset, spec.scheme)
+        return out
+
+    def iter_tensors(self, device: "str | torch.device" = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, shard by shard (one shard's tensors at a time)."""
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            with safe_open(str(self.path / file), framework="pt", device=str(device)) as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+    @property
+    def scheme_by_module(self) -> dict[str, QuantScheme]:
+        return {prefix: spec.scheme for prefix, spec in self.specs.items()}
+
+
+def load_quantized(path: "str | os.PathLike", *, validate: bool = True) -> QuantizedCheckpoint:
+    """Open a gmmquant checkpoint and validate it.
+
+    Raises:
+        FormatError: listing every problem (not a gmmquant checkpoint, unknown format version, missing or
+            corrupt shard, missing tensor, wrong dtype / shape, a module the kernel would reject).
+    """
+    root = Path(path)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise FormatError(f"{root}: no config.json (not a model directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{config_file}: invalid JSON ({err})") from err
+    specs, ignore, act_dtype = parse_quantization_config(config.get("quantization_config"))
+    weight_map = weight_files(root)
+    headers: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for file in sorted(set(weight_map.values())):
+        headers.update(read_header(root / file))
+    if validate:
+        problems = validate_tensors(specs, headers)
+        problems += [f"{n} is in the index but not in its shard" for n in weight_map if n not in headers]
+        if problems:
+            raise FormatError(f"{root} is not a valid gmmquant checkpoint:\n  " + "\n  ".join(problems))
+    return QuantizedCheckpoint(root, config, specs, ignore, act_dtype, weight_map, headers)

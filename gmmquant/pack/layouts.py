@@ -1,0 +1,163 @@
+"""Where a HF MoE model keeps its expert weights, and how they become the canonical `[E, K, N]` layout.
+
+transformers 5 fuses experts into one module per layer (`...experts.gate_up_proj` `[E, 2I, H]`,
+`...experts.down_proj` `[E, H, I]`, flags `is_transposed`, `is_concatenated`, `has_gate`, `has_bias`),
+while many checkpoints on disk keep one tensor per expert (`experts.{e}.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.{e}.w1.weight`). Both are described by transformers' own checkpoint conversion
+mapping, which this module reads instead of hard-coding model families.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+GATE_UP_NAMES = ("gate_up_proj", "up_proj")  # has_gate=True / has_gate=False
+
+
+@dataclass(frozen=True)
+class ExpertsModuleInfo:
+    """One fused experts module of a (meta-device) transformers model.
+
+    Attributes:
+        path: module path (`model.layers.0.mlp.experts`).
+        num_experts: E.
+        projections: canonical projection name -> (K, N) per expert.
+        is_transposed: params stored `[E, K, N]` (True) or `[E, N, K]` (False, transformers' default).
+        is_concatenated: gate and up are the two halves of gate_up (True) or interleaved (GPT-OSS).
+        has_bias: per-expert biases `<proj>_bias` `[E, N]`.
+    """
+
+    path: str
+    num_experts: int
+    projections: dict[str, tuple[int, int]]
+    is_transposed: bool
+    is_concatenated: bool
+    has_bias: bool
+
+
+def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter), else None."""
+    down = getattr(module, "down_proj", None)
+    if not isinstance(down, (nn.Parameter, Tensor)) or down.dim() != 3:
+        return None
+    first = next((n for n in GATE_UP_NAMES if isinstance(getattr(module, n, None), (nn.Parameter, Tensor))), None)
+    if first is None:
+        return None
+    transposed = bool(getattr(module, "is_transposed", False))
+    up = getattr(module, first)
+
+    def kn(t: Tensor) -> tuple[int, int]:
+        return (t.shape[1], t.shape[2]) if transposed else (t.shape[2], t.shape[1])
+
+    return ExpertsModuleInfo(
+        path=path,
+        num_experts=down.shape[0],
+        projections={first: kn(up), "down_proj": kn(down)},
+        is_transposed=transposed,
+        is_concatenated=bool(getattr(module, "is_concatenated", True)),
+        has_bias=bool(getattr(module, "has_bias", False)),
+    )
+
+
+def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
+    """Every fused experts module of a model, by path."""
+    found = {}
+    for path, module in model.named_modules():
+        info = experts_module_info(path, module)
+        if info is not None:
+            found[path] = info
+    return found
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model of a config on the meta device: names, shapes and flags for free (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def deinterleave(t: Tensor, dim: int = -1) -> Tensor:
+    """GPT-OSS keeps gate/up interleaved along N (g0 u0 g1 u1 ...): return gate then up."""
+    dim = dim % t.dim()
+    index_even = [slice(None)] * t.dim()
+    index_odd = [slice(None)] * t.dim()
+    index_even[dim] = slice(0, None, 2)
+    index_odd[dim] = slice(1, None, 2)
+    return torch.cat([t[tuple(index_even)], t[tuple(index_odd)]], dim=dim)
+
+
+def canonical(param: Tensor, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """A fused experts parameter (all experts, or one expert's slice `[..]`) -> `[.., K, N]`."""
+    w = param if info.is_transposed else param.transpose(-1, -2)
+    if proj == "gate_up_proj" and not info.is_concatenated:
+        w = deinterleave(w, dim=-1)
+    return w
+
+
+def canonical_bias(bias: Tensor, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """A fused `[.., N]` bias in canonical (gate then up) order."""
+    return deinterleave(bias, dim=-1) if proj == "gate_up_proj" and not info.is_concatenated else bias
+
+
+@dataclass(frozen=True)
+class PieceRule:
+    """A per-expert tensor on disk that transformers merges into a fused parameter."""
+
+    pattern: re.Pattern
+    target: str  # e.g. "mlp.experts.gate_up_proj"
+    part: int  # position among the converter's sources (0 = gate, 1 = up)
+    parts: int
+
+
+@dataclass
+class DiskNaming:
+    """How a model type's on-disk tensor names map to its fused in-memory parameters."""
+
+    renamings: list[tuple[re.Pattern, str]]
+    pieces: list[PieceRule]
+
+    def rename(self, name: str) -> str:
+        for pattern, replacement in self.renamings:
+            name = pattern.sub(replacement, name)
+        return name
+
+    def piece(self, name: str) -> Optional[tuple[str, int, int, int]]:
+        """(param path, expert, part, parts) if `name` (already renamed) is one expert's slice."""
+        for rule in self.pieces:
+            m = rule.pattern.search(name)
+            if m:
+                return name[: m.start()] + rule.target, int(m.group(1)), rule.part, rule.parts
+        return None
+
+
+def _pattern(source: str) -> re.Pattern:
+    return re.compile(re.escape(source).replace(r"\*", r"(\d+)") + "$")
+
+
+def disk_naming(model_type: str) -> DiskNaming:
+    """Read transformers' checkpoint conversion mapping for `model_type` (no mapping: names are as in memory)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    renamings, pieces = [], []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(rule.source_patterns), list(rule.target_patterns)
+        if type(rule).__name__ == "WeightRenaming":
+            renamings += [(re.compile(s), t) for s, t in zip(sources, targets)]
+        elif len(targets) == 1 and any("*" in s for s in sources):
+            pieces += [PieceRule(_pattern(s), targets[0], i, len(sources)) for i, s in enumerate(sources)]
+    # Per-expert layouts that predate a model type's mapping (remote code, older transformers).
+    generic = [
+        (("experts.*.gate_proj.weight", "experts.*.up_proj.weight"), "experts.gate_up_proj"),
+        (("experts.*.w1.weight", "experts.*.w3.weight"), "experts.gate_up_proj"),
+        (("experts.*.down_proj.weight",), "experts.down_proj"),
+        (("experts.*.w2.weight",), "experts.down_proj"),
+    ]
+    for sources, target in generic:
+        pieces += [PieceRule(_pattern("." + s), "." + target, i, len(sources)) for i, s in enumerate(sources)]
+    return DiskNaming(renamings, pieces)

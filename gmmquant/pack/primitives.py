@@ -1,0 +1,196 @@
+"""Quantization math in one place: ranges, scales, zero points, quantize / dequantize, GMM packing.
+
+Conventions (DESIGN.md section 2):
+- weights are `[..., K, N]` (y = x @ w); per-channel parameters are `[..., N]`, per-group `[..., K/g, N]`;
+- quantized values are signed: int8 in [-128, 127], int4 in [-8, 7];
+- `w ~ (q - zero_point) * scale`, stored for the kernel as `antiquant_offset = -zero_point`
+  (`antiquant_offset` is ADDED by npu_grouped_matmul). `antiquant_offset()` below is the one place that
+  knows the sign; `dequantize` goes through the kernel layer's `antiquant_dequantize`.
+- a scale is rounded to the dtype it is stored in BEFORE values are quantized with it, so the stored
+  checkpoint dequantizes to exactly what the error bounds below were computed against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import antiquant_dequantize, pack_int4
+from .schemes import QuantScheme
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax). Symmetric ranges drop the most negative code so that -q is always representable."""
+    top = 2 ** (bits - 1) - 1
+    return (-top, top) if symmetric else (-top - 1, top)
+
+
+def group_view(w: Tensor, group_size: Optional[int]) -> Tensor:
+    """`[..., K, N]` -> `[..., 1, K, N]` (per-channel) or `[..., K/g, g, N]` (per-group)."""
+    k, n = w.shape[-2], w.shape[-1]
+    if group_size is None:
+        return w.unsqueeze(-3)
+    return w.reshape(*w.shape[:-2], k // group_size, group_size, n)
+
+
+def minmax(w: Tensor, group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Per-channel `[..., N]` or per-group `[..., K/g, N]` min and max of a `[..., K, N]` weight (float32)."""
+    g = group_view(w.float(), group_size)
+    wmin, wmax = g.amin(dim=-2), g.amax(dim=-2)
+    if group_size is None:
+        wmin, wmax = wmin.squeeze(-2), wmax.squeeze(-2)
+    return wmin, wmax
+
+
+def choose_qparams(wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Scale (float32) and zero point (int32, None if symmetric) that map [wmin, wmax] onto the int range.
+
+    The range always contains 0 (so that zero is exact); an all-zero channel gets scale 1 instead of 0.
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    wmin = wmin.float().clamp(max=0)
+    wmax = wmax.float().clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(-wmin, wmax) / qmax
+        return torch.where(scale > _TINY, scale, torch.ones_like(scale)), None
+    scale = (wmax - wmin) / (qmax - qmin)
+    scale = torch.where(scale > _TINY, scale, torch.ones_like(scale))
+    return scale, zero_point_for(wmin, scale, bits)
+
+
+def zero_point_for(wmin: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The int32 zero point that puts `min(wmin, 0)` on the lowest code of the asymmetric range."""
+    qmin, qmax = quant_range(bits, symmetric=False)
+    return torch.round(qmin - wmin.float().clamp(max=0) / scale.float()).clamp(qmin, qmax).to(torch.int32)
+
+
+def round_scale_up(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`scale` in `dtype`, rounded up where rounding to nearest went down (the range must still fit)."""
+    stored = scale.to(dtype)
+    up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    return torch.where(stored.float() < scale, up, stored)
+
+
+def _expand(param: Tensor, w: Tensor, group_size: Optional[int]) -> Tensor:
+    """Broadcast a per-channel / per-group parameter against the grouped view of w."""
+    return param.unsqueeze(-2) if group_size is not None else param.unsqueeze(-2).unsqueeze(-3)
+
+
+def quantize(w: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int, group_size: Optional[int] = None) -> Tensor:
+    """`q = clamp(round(w / scale) + zero_point)` -> int8 `[..., K, N]` (int4 values stay unpacked here)."""
+    qmin, qmax = quant_range(bits, zero_point is None)
+    g = group_view(w.float(), group_size)
+    q = torch.round(g / _expand(scale.float(), w, group_size))
+    if zero_point is not None:
+        q = q + _expand(zero_point.float(), w, group_size)
+    return q.clamp_(qmin, qmax).to(torch.int8).reshape(w.shape)
+
+
+def antiquant_offset(zero_point: Tensor, dtype: torch.dtype) -> Tensor:
+    """The kernel's `antiquant_offset` for a zero point: `-zero_point` (the kernel adds it to q)."""
+    return (-zero_point).to(dtype)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`(q - zero_point) * scale` for int8 `[..., K, N]` values (or int32-packed int4) -> `dtype`."""
+    offset = None if zero_point is None else antiquant_offset(zero_point, torch.float32)
+    return antiquant_dequantize(q, scale, offset, dtype=dtype)
+
+
+def w8a8_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """Full-quant `scale` dtype the spec pairs with each activation dtype: bf16 -> bf16, fp16 -> fp32."""
+    if act_dtype == torch.bfloat16:
+        return torch.bfloat16
+    if act_dtype == torch.float16:
+        return torch.float32
+    raise ValueError(f"W8A8 needs bfloat16 or float16 activations, got {act_dtype}")
+
+
+@dataclass
+class QuantizedWeight:
+    """One projection of one experts module, in the tensors its grouped_matmul call takes.
+
+    Attributes:
+        qweight: `[E, K, N]` int8, or `[E, K, N/8]` int32 (packed int4).
+        scale: weight-only: `antiquant_scale` `[E, N]` / `[E, K/g, N]` in the activation dtype;
+            W8A8: the full-quant `scale` `[E, N]` (bf16 for bf16 models, float32 for fp16).
+        offset: `antiquant_offset` (= -zero_point), scale's shape and dtype; None if symmetric.
+        scheme: how it was made.
+    """
+
+    qweight: Tensor
+    scale: Tensor
+    offset: Optional[Tensor]
+    scheme: QuantScheme
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The `[E, K, N]` weight the kernel effectively multiplies by."""
+        return antiquant_dequantize(self.qweight, self.scale, self.offset, dtype=dtype)
+
+    def gmm_kwargs(self) -> dict[str, list[Tensor]]:
+        """The weight-side keyword arguments of grouped_matmul for this projection."""
+        if self.scheme.weight_only:
+            kwargs = {"antiquant_scale": [self.scale]}
+            if self.offset is not None:
+                kwargs["antiquant_offset"] = [self.offset]
+            return kwargs
+        return {"scale": [self.scale]}
+
+
+def quantize_weight(
+    w: Tensor,
+    scheme: QuantScheme,
+    act_dtype: torch.dtype,
+    *,
+    clip_min: Optional[Tensor] = None,
+    clip_max: Optional[Tensor] = None,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a stacked expert weight into GMM tensors.
+
+    Args:
+        w: `[E, K, N]` float (the canonical layout: y = x @ w[e]).
+        scheme: the scheme; it is checked against K and N first.
+        act_dtype: the model's activation dtype (bfloat16 / float16): dtype of antiquant parameters.
+        clip_min, clip_max: optional clip range per channel `[E, N]` / per group `[E, K/g, N]` (e.g. from
+            an MSE search); default: the weight's min / max.
+
+    Returns:
+        QuantizedWeight with every element within half a quantization step of `clamp(w, clip)`.
+    """
+    if w.dim() != 3:
+        raise ValueError(f"quantize_weight expects a stacked [E, K, N] weight, got shape {list(w.shape)}")
+    if act_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"act_dtype must be bfloat16 or float16 (the kernel's activation dtypes), got {act_dtype}")
+    e, k, n = w.shape
+    scheme.check_shape(k, n)
+    wmin, wmax = minmax(w, scheme.group_size)
+    if clip_min is not None:
+        wmin = clip_min.float()
+    if clip_max is not None:
+        wmax = clip_max.float()
+    scale, zero_point = choose_qparams(wmin, wmax, scheme.weight_bits, scheme.symmetric)
+    stored_dtype = act_dtype if scheme.weight_only else w8a8_scale_dtype(act_dtype)
+    stored_scale = round_scale_up(scale, stored_dtype)
+    if zero_point is not None:  # refit the zero point to the scale actually stored
+        zero_point = zero_point_for(wmin, stored_scale, scheme.weight_bits)
+    q = quantize(w, stored_scale.float(), zero_point, scheme.weight_bits, scheme.group_size)
+    qweight = pack_int4(q) if scheme.weight_bits == 4 else q
+    offset = None if zero_point is None else antiquant_offset(zero_point, stored_dtype)
+    return QuantizedWeight(qweight=qweight, scale=stored_scale, offset=offset, scheme=scheme)
+
+
+def error_bound(qw: QuantizedWeight) -> Tensor:
+    """Per-element bound on |w - dequantize(q)| for weights inside the clip range: half a step.
+
+    Shape `[E, K, N]` (float32), to compare against the dequantization error elementwise.
+    """
+    e, k = qw.qweight.shape[0], qw.qweight.shape[1]
+    half = qw.scale.float() / 2
+    if half.dim() == 3:
+        return half.repeat_interleave(k // half.shape[1], dim=1)
+    return half.unsqueeze(1).expand(e, k, -1)

@@ -1,0 +1,227 @@
+"""Stream-pack: quantize the experts of a HF checkpoint directory shard by shard, without the model.
+
+Only the model's config is instantiated, on the meta device, to learn which tensors are experts, their
+shapes and layout flags. Expert weights are read one expert at a time (a safetensors slice for fused
+layouts, the expert's own tensors for per-expert layouts), quantized with round-to-nearest into the
+module's preallocated quantized buffers, and written when the module is complete; every other tensor is
+copied unchanged. Peak memory is the quantized size of one projection plus a few expert tensors and one
+output shard, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import SaveReport, save_quantized, weight_files
+from .format import ExpertsSpec, FormatError, is_ignored
+from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
+from .primitives import quantize_weight
+from .schemes import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProjectionStats:
+    """Quantization error of one projection: relative Frobenius error per expert."""
+
+    name: str
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_errors: list[float] = field(default_factory=list)
+
+
+@dataclass
+class PackSummary:
+    projections: list[ProjectionStats]
+    passthrough_tensors: int
+    passthrough_bytes: int
+    report: Optional[SaveReport] = None
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(p.bytes_before for p in self.projections) + self.passthrough_bytes
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(p.bytes_after for p in self.projections) + self.passthrough_bytes
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((e for p in self.projections for e in p.rel_errors), default=0.0)
+
+    @property
+    def mean_rel_error(self) -> float:
+        errors = [e for p in self.projections for e in p.rel_errors]
+        return sum(errors) / len(errors) if errors else 0.0
+
+
+class _ProjectionBuffer:
+    """The quantized tensors of one projection, filled one expert at a time."""
+
+    def __init__(self, info: ExpertsModuleInfo, proj: str, scheme: QuantScheme, act_dtype: torch.dtype):
+        self.info, self.proj, self.scheme, self.act_dtype = info, proj, scheme, act_dtype
+        self.k, self.n = info.projections[proj]
+        e = info.num_experts
+        scheme.check_shape(self.k, self.n, f"{info.path}.{proj}")
+        self.qweight: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
+        self.offset: Optional[torch.Tensor] = None
+        self.bias: Optional[torch.Tensor] = None
+        self.done = [False] * e
+        self.parts: dict[int, dict[int, torch.Tensor]] = {}
+        self.stats = ProjectionStats(f"{info.path}.{proj}")
+
+    def add_expert(self, e: int, w: torch.Tensor) -> None:
+        """Quantize expert e's canonical `[K, N]` weight into slot e."""
+        if tuple(w.shape) != (self.k, self.n):
+            raise FormatError(f"{self.info.path}.{self.proj}: expert {e} has shape {list(w.shape)}, expected [K, N] = [{self.k}, {self.n}]")
+        qw = quantize_weight(w.unsqueeze(0), self.scheme, self.act_dtype)
+        if self.qweight is None:
+            e_count = self.info.num_experts
+            self.qweight = qw.qweight.new_empty((e_count, *qw.qweight.shape[1:]))
+            self.scale = qw.scale.new_empty((e_count, *qw.scale.shape[1:]))
+            self.offset = None if qw.offset is None else qw.offset.new_empty((e_count, *qw.offset.shape[1:]))
+        self.qweight[e] = qw.qweight[0]
+        self.scale[e] = qw.scale[0]
+        if qw.offset is not None:
+            self.offset[e] = qw.offset[0]
+        wf = w.float()
+        err = (qw.dequantize()[0] - wf).norm() / wf.norm().clamp_min(1e-30)
+        self.stats.rel_errors.append(float(err))
+        self.stats.bytes_before += w.numel() * w.element_size()
+        self.done[e] = True
+
+    def add_part(self, e: int, part: int, parts: int, t: torch.Tensor) -> None:
+        """One per-expert source tensor (nn.Linear layout `[N_part, K]`); quantize once all parts are in."""
+        got = self.parts.setdefault(e, {})
+        got[part] = t
+        if len(got) == parts:
+            w = torch.cat([got[i] for i in range(parts)], dim=0).t()
+            del self.parts[e]
+            self.add_expert(e, w)
+
+    @property
+    def complete(self) -> bool:
+        return all(self.done) and (not self.info.has_bias or self.bias is not None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        base = f"{self.info.path}.{self.proj}"
+        out = {f"{base}.qweight": self.qweight}
+        if self.scheme.weight_only:
+            out[f"{base}.antiquant_scale"] = self.scale
+            if self.offset is not None:
+                out[f"{base}.antiquant_offset"] = self.offset
+        else:
+            out[f"{base}.weight_scale"] = self.scale
+        if self.bias is not None:
+            out[f"{base}.bias"] = self.bias
+        self.stats.bytes_after = sum(t.numel() * t.element_size() for t in out.values())
+        return out
+
+
+def _act_dtype(config: Any, requested: Optional[torch.dtype]) -> torch.dtype:
+    if requested is not None:
+        return requested
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def stream_pack(
+    model_dir: "str | os.PathLike",
+    out_dir: "str | os.PathLike",
+    scheme: QuantScheme,
+    *,
+    ignore: Optional[list[str]] = None,
+    act_dtype: Optional[torch.dtype] = None,
+    max_shard_size: "int | str" = "1GB",
+    overwrite: bool = False,
+    progress: Optional[Callable[[Iterator, str, int], Iterator]] = None,
+) -> PackSummary:
+    """Round-to-nearest quantize every experts module of a HF checkpoint directory into a gmmquant checkpoint.
+
+    Args:
+        model_dir: HF model directory (config.json + safetensors, single file or sharded).
+        out_dir: the checkpoint to write (atomically).
+        scheme: the scheme applied to every experts module not matched by `ignore`.
+        ignore: module-path patterns (fnmatch) of experts modules to keep in float.
+        act_dtype: activation dtype; default the config's dtype if bf16/fp16, else bfloat16.
+        max_shard_size: output shard bound.
+        progress: optional wrapper `progress(iterable, description, total)` (the CLI passes tqdm).
+
+    Returns:
+        PackSummary with per-projection errors and byte counts.
+    """
+    from transformers import AutoConfig
+
+    src = Path(model_dir)
+    if not (src / "config.json").is_file():
+        raise FormatError(f"{src}: no config.json; pass a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(src)
+    act = _act_dtype(config, act_dtype)
+    modules = find_experts_modules(meta_model(config))
+    if not modules:
+        raise FormatError(f"{src}: model type {config.model_type!r} has no fused MoE experts modules in transformers; nothing to quantize")
+    ignore = list(ignore or [])
+    targets = {p: info for p, info in modules.items() if not is_ignored(p, ignore)}
+    naming = disk_naming(config.model_type)
+    param_owner = {f"{p}.{proj}": (p, proj) for p, info in targets.items() for proj in info.projections}
+    bias_owner = {f"{p}.{proj}_bias": (p, proj) for p, info in targets.items() if info.has_bias for proj in info.projections}
+    buffers = {(p, proj): _ProjectionBuffer(info, proj, scheme, act) for p, info in targets.items() for proj in info.projections}
+    specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias) for p, info in targets.items()}
+    weight_map = weight_files(src)
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    summary = PackSummary([], 0, 0)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for file, names in sorted(by_file.items()):
+            items = progress(names, file, len(names)) if progress else names
+            with safe_open(str(src / file), framework="pt") as f:
+                for name in items:
+                    renamed = naming.rename(name)
+                    piece = naming.piece(renamed)
+                    if piece is not None and piece[0] in param_owner:
+                        key = param_owner[piece[0]]
+                        _, e, part, parts = piece
+                        buffers[key].add_part(e, part, parts, f.get_tensor(name))
+                    elif renamed in param_owner:
+                        key = param_owner[renamed]
+                        info = targets[key[0]]
+                        sl = f.get_slice(name)
+                        for e in range(info.num_experts):
+                            buffers[key].add_expert(e, canonical(sl[e], info, key[1]))
+                    elif renamed in bias_owner:
+                        key = bias_owner[renamed]
+                        bias = canonical_bias(f.get_tensor(name), targets[key[0]], key[1])
+                        buffers[key].bias = bias.to(torch.float32 if act == torch.bfloat16 else torch.float16)
+                    else:
+                        t = f.get_tensor(name)
+                        summary.passthrough_tensors += 1
+                        summary.passthrough_bytes += t.numel() * t.element_size()
+                        yield name, t
+                        continue
+                    key_done = [k for k, b in buffers.items() if b.complete]
+                    for k in key_done:
+                        buffer = buffers.pop(k)
+                        summary.projections.append(buffer.stats)
+                        yield from buffer.tensors().items()
+        if buffers:
+            missing = sorted(f"{p}.{proj}" for p, proj in buffers)
+            raise FormatError(f"{src}: expert tensors incomplete for {missing} (missing experts or shards)")
+
+    config_dict = json.loads((src / "config.json").read_text())
+    summary.report = save_quantized(out_dir, config=config_dict, specs=specs, tensors=tensors(), act_dtype=act,
+                                    ignore=ignore, source_dir=src, max_shard_size=max_shard_size, overwrite=overwrite)
+    return summary
