@@ -64,6 +64,67 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _progress(iterable, description: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=description, total=total, unit="tensor", leave=False)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Round-to-nearest quantize the experts of a HF checkpoint directory, shard by shard."""
+    from .pack import get_scheme
+    from .pack.stream import stream_pack
+
+    overrides = {} if args.symmetric is None else {"symmetric": args.symmetric}
+    scheme = get_scheme(args.scheme, **overrides)
+    act = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.act_dtype]
+    summary = stream_pack(args.model_dir, args.output, scheme, ignore=args.ignore, act_dtype=act,
+                          max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=_progress)
+    print(f"packed {args.model_dir} -> {args.output} with {scheme.name} "
+          f"({scheme.weight_bits}-bit, {'per-group ' + str(scheme.group_size) if scheme.group_size else 'per-channel'}, "
+          f"{'symmetric' if scheme.symmetric else 'asymmetric'})")
+    print(f"{'projection':<48}{'experts':>8}{'before':>14}{'after':>14}{'max rel err':>13}{'mean rel err':>14}")
+    for p in summary.projections:
+        mean = sum(p.rel_errors) / len(p.rel_errors)
+        print(f"{p.name:<48}{len(p.rel_errors):>8}{_mb(p.bytes_before):>14}{_mb(p.bytes_after):>14}{max(p.rel_errors):>13.4f}{mean:>14.4f}")
+    print(f"quantized {len(summary.projections)} expert projections, copied {summary.passthrough_tensors} other tensors")
+    print(f"size: {_mb(summary.bytes_before)} -> {_mb(summary.bytes_after)} "
+          f"({summary.bytes_after / max(summary.bytes_before, 1):.2%}); weight error: max {summary.max_rel_error:.4f}, "
+          f"mean {summary.mean_rel_error:.4f} (relative Frobenius, per expert)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe a gmmquant checkpoint and validate it."""
+    from .pack.checkpoint import load_quantized
+    from .pack.format import FormatError
+
+    try:
+        ck = load_quantized(args.checkpoint)
+    except FormatError as err:
+        print(f"INVALID: {err}")
+        return 1
+    qc = ck.config["quantization_config"]
+    print(f"{ck.path}: gmmquant format v{qc['format_version']}, activations {qc['act_dtype']}, "
+          f"{len(ck.specs)} quantized experts modules, ignore {ck.ignore}")
+    for prefix, spec in ck.specs.items():
+        shapes = ", ".join(f"{p} K={k} N={n}" for p, (k, n) in spec.projections.items())
+        print(f"  {prefix}: {spec.scheme.name} (E={spec.num_experts}; {shapes})")
+    print(f"{'tensor':<60}{'dtype':>10}{'shape':>22}{'bytes':>14}")
+    total = 0
+    for name, (dtype, shape) in sorted(ck.headers.items()):
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        total += nbytes
+        if args.all or any(name.startswith(p + ".") for p in ck.specs):
+            print(f"{name:<60}{str(dtype).replace('torch.', ''):>10}{str(list(shape)):>22}{nbytes:>14,}")
+    print(f"{len(ck.headers)} tensors in {len(set(ck.weight_map.values()))} file(s), {_mb(total)}; validation: OK")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmmquant", description="Quantized MoE experts on grouped-matmul kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,12 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=256, help="reduction size K (multiple of 128)")
     p.add_argument("-n", type=int, default=256, help="output size N (multiple of 8)")
     p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("pack", help="round-to-nearest quantize a HF checkpoint directory's experts, shard by shard")
+    p.add_argument("model_dir", help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
+    p.add_argument("--scheme", default="w4a16-g128", help="scheme preset (w8a16, w4a16, w4a16-g32/64/128/256, w8a8-dynamic, w8a8-static)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="store antiquant_offset = -zero_point")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="experts module paths to keep in float (fnmatch), repeatable")
+    p.add_argument("--act-dtype", choices=["bf16", "fp16"], default=None, help="activation dtype (default: the config's)")
+    p.add_argument("--max-shard-size", default="1GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("inspect", help="describe and validate a gmmquant checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--all", action="store_true", help="list every tensor, not only the quantized experts")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:  # FormatError, SchemeError, contract errors
+        print(f"gmmquant {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
