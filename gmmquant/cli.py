@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="store antiquant_offset = -zero_point")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="experts module paths to keep in float (fnmatch), repeatable")
     p.add_argument("--act-dtype", choices=["bf16", "fp16"], default=None, help="activation dtype (default: the config's)")
-    p.add_argument("--max-shard-size", default="1GB")
+    p.add_argument("--max-shard-size", default="2GB", help="output shard bound")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 

@@ -30,15 +30,10 @@ from .format import (
 )
 from .primitives import QuantizedWeight
 from .schemes import QuantScheme
-from .shards import INDEX_NAME, SINGLE_NAME, ShardWriter, atomic_output_dir, parse_size
+from .shards import INDEX_NAME, SAFETENSORS_TO_TORCH, SINGLE_NAME, ShardWriter, atomic_output_dir, parse_size
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 # Files of a model directory that describe weights; everything else (tokenizer, generation config, chat
 # template, remote code) is copied as is.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -168,7 +163,7 @@ def read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             out = {}
             for name in f.keys():
                 sl = f.get_slice(name)
-                out[name] = (SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+                out[name] = (SAFETENSORS_TO_TORCH.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
             return out
     except (SafetensorError, OSError, ValueError) as err:
         raise FormatError(f"{file}: corrupt or truncated safetensors file ({err})") from err

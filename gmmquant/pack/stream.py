@@ -144,7 +144,7 @@ def stream_pack(
     *,
     ignore: Optional[list[str]] = None,
     act_dtype: Optional[torch.dtype] = None,
-    max_shard_size: "int | str" = "1GB",
+    max_shard_size: "int | str" = "2GB",
     overwrite: bool = False,
     progress: Optional[Callable[[Iterator, str, int], Iterator]] = None,
 ) -> PackSummary:
@@ -156,7 +156,7 @@ def stream_pack(
         scheme: the scheme applied to every experts module not matched by `ignore`.
         ignore: module-path patterns (fnmatch) of experts modules to keep in float.
         act_dtype: activation dtype; default the config's dtype if bf16/fp16, else bfloat16.
-        max_shard_size: output shard bound.
+        max_shard_size: output shard bound (shards are streamed to disk, not held in memory).
         progress: optional wrapper `progress(iterable, description, total)` (the CLI passes tqdm).
 
     Returns:
