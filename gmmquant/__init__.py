@@ -12,16 +12,31 @@ from .kernels import (
     trans_quant_param,
     unpack_int4,
 )
+from .pack import PRESETS, QuantScheme, QuantizedWeight, SchemeError, get_scheme, quantize_weight
+from .pack.checkpoint import QuantizedCheckpoint, load_quantized, save_quantized
+from .pack.format import FormatError
+from .pack.stream import stream_pack
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FormatError",
     "GMMContractError",
+    "PRESETS",
+    "QuantScheme",
+    "QuantizedCheckpoint",
+    "QuantizedWeight",
+    "SchemeError",
     "__version__",
     "antiquant_dequantize",
     "dynamic_quant",
+    "get_scheme",
     "grouped_matmul",
+    "load_quantized",
     "pack_int4",
+    "quantize_weight",
+    "save_quantized",
+    "stream_pack",
     "trans_quant_param",
     "unpack_int4",
 ]
