@@ -58,6 +58,9 @@ def test_round_trip_is_bit_identical(tmp_path, scheme):
         assert torch.equal(loaded[proj].qweight, qw.qweight)
         assert torch.equal(loaded[proj].dequantize(), qw.dequantize())
     assert (out / "tokenizer.json").read_text() == '{"fake": true}'
+    streamed = dict(ck.iter_tensors())
+    assert set(streamed) == set(tensors) | set(others)
+    assert all(torch.equal(streamed[n], t) for n, t in {**tensors, **others}.items())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
 
 

@@ -405,7 +405,7 @@ def _check_shapes(
         inner = t.shape[-2] if _is_transposed(t) else t.shape[-1]
         if inner >= INNER_AXIS_LIMIT:
             _fail("shape.inner_limit", f"x[{i}] inner axis is {inner}; the kernel requires < {INNER_AXIS_LIMIT}")
-    for i, w in enumerate(ws):
+    for i in range(len(ws)):
         inner = k[i] if transposed[i] else n[i]
         if inner >= INNER_AXIS_LIMIT:
             _fail("shape.inner_limit", f"weight[{i}] inner axis is {inner}; the kernel requires < {INNER_AXIS_LIMIT}")

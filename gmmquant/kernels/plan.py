@@ -106,14 +106,6 @@ class GMMPlan:
     experts_in_order: bool = False
     k_split: bool = False
 
-    @property
-    def per_group_quant(self) -> bool:
-        """True for weight-only int4 with per-group antiquant parameters."""
-        if self.mode is not Mode.ANTIQUANT:
-            return False
-        t = self.antiquant_scale[0]
-        return t.dim() == (3 if self.weight is not None else 2)
-
     def operands(self, g: Group) -> Operands:
         """The tensors group `g` multiplies (views, no copies)."""
         x = self.xs[g.x_index]

@@ -29,7 +29,6 @@ from .format import (
     validate_tensors,
 )
 from .primitives import QuantizedWeight
-from .schemes import QuantScheme
 from .shards import INDEX_NAME, SAFETENSORS_TO_TORCH, SINGLE_NAME, ShardWriter, atomic_output_dir, parse_size
 
 logger = logging.getLogger(__name__)
@@ -213,10 +212,6 @@ class QuantizedCheckpoint:
             with safe_open(str(self.path / file), framework="pt", device=str(device)) as f:
                 for name in names:
                     yield name, f.get_tensor(name)
-
-    @property
-    def scheme_by_module(self) -> dict[str, QuantScheme]:
-        return {prefix: spec.scheme for prefix, spec in self.specs.items()}
 
 
 def load_quantized(path: "str | os.PathLike", *, validate: bool = True) -> QuantizedCheckpoint:

@@ -146,8 +146,8 @@ def kernel_check(spec: ExpertsSpec) -> list[str]:
     """Run the kernel contract on meta tensors shaped like the module's tensors: problems, if any."""
     problems = []
     expected = spec.expected_tensors()
-    for proj, (k, n) in spec.projections.items():
-        def meta(name: str) -> torch.Tensor:
+    for proj, (k, _) in spec.projections.items():
+        def meta(name: str, proj: str = proj) -> torch.Tensor:
             dtype, shape = expected[f"{spec.prefix}.{proj}.{name}"]
             return torch.empty(shape, dtype=dtype, device="meta")
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from .checkpoint import SaveReport, save_quantized, weight_files
+from .checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
 from .format import ExpertsSpec, FormatError, is_ignored
 from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
-from .primitives import quantize_weight
+from .primitives import QuantizedWeight, quantize_weight
 from .schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -114,16 +114,8 @@ class _ProjectionBuffer:
         return all(self.done) and (not self.info.has_bias or self.bias is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        base = f"{self.info.path}.{self.proj}"
-        out = {f"{base}.qweight": self.qweight}
-        if self.scheme.weight_only:
-            out[f"{base}.antiquant_scale"] = self.scale
-            if self.offset is not None:
-                out[f"{base}.antiquant_offset"] = self.offset
-        else:
-            out[f"{base}.weight_scale"] = self.scale
-        if self.bias is not None:
-            out[f"{base}.bias"] = self.bias
+        qw = QuantizedWeight(self.qweight, self.scale, self.offset, self.scheme)
+        out = projection_tensors(self.info.path, self.proj, qw, bias=self.bias)
         self.stats.bytes_after = sum(t.numel() * t.element_size() for t in out.values())
         return out
 
