@@ -1,0 +1,9 @@
+"""Runtime: run HF MoE models' experts through grouped-matmul kernels."""
+
+from .experts import GMMExperts, GMMProjection
+from .replace import NoExpertsError, ReplaceReport, replace_experts
+
+__all__ = ["GMMExperts", "GMMProjection", "NoExpertsError", "ReplaceReport", "replace_experts"]
+from .load import load_model, save_model  # noqa: E402
+
+__all__ += ["load_model", "save_model"]

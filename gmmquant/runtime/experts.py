@@ -1,0 +1,159 @@
+"""GMM experts: a drop-in replacement for a transformers 5 fused experts module.
+
+`GMMExperts.forward(hidden_states, top_k_index, top_k_weights)` has the signature of the module it
+replaces (the MoE block's router stays the model's own). It sorts the token-expert pairs by expert, runs
+gate_up and down as grouped matmuls over per-expert row counts (`group_list_type=1`, `group_type=0`,
+`split_item=2`, as vllm-ascend does on NPU), applies the model's own gate / activation in between, and
+scatters the rows back weighted by the routing weights. Expert-parallel sentinel ids (>= E) contribute 0.
+
+Each projection is a `GMMProjection` submodule whose buffers carry the checkpoint names of docs/FORMAT.md
+(`<path>.gate_up_proj.qweight`, `.antiquant_scale`, ...), so `state_dict()` is the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import dynamic_quant, grouped_matmul
+from ..pack import QuantizedWeight, QuantScheme
+from ..pack.layouts import ExpertsModuleInfo, deinterleave
+
+_BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
+
+
+def _bias_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    # The kernel's tables: bf16 activations take a float32 bias, fp16 a float16 one.
+    return torch.float16 if act_dtype == torch.float16 else torch.float32
+
+
+class GMMProjection(nn.Module):
+    """One projection of all experts, as grouped_matmul tensors.
+
+    Float: `weight` is `[E, K, N]` (often a transposed view of HF's `[E, N, K]` parameter, which is what
+    the CPU kernels want). Quantized: the buffers of a `QuantizedWeight` (+ optional bias / input_scale /
+    smooth_scale), named as in the checkpoint format.
+    """
+
+    def __init__(self, scheme: Optional[QuantScheme], act_dtype: torch.dtype, backend: Optional[str] = None):
+        super().__init__()
+        self.scheme = scheme
+        self.act_dtype = act_dtype
+        self.backend = backend
+        for name in _BUFFERS:
+            self.register_buffer(name, None)
+        self.weight: Optional[nn.Parameter] = None
+
+    @classmethod
+    def from_float(cls, weight_kn: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> "GMMProjection":
+        proj = cls(None, weight_kn.dtype, backend)
+        proj.weight = nn.Parameter(weight_kn, requires_grad=False)  # shares the model's storage
+        proj.register_buffer("bias", None if bias is None else bias.detach().to(_bias_dtype(weight_kn.dtype)), persistent=False)
+        return proj
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, act_dtype: torch.dtype, bias: Optional[Tensor] = None,
+                       backend: Optional[str] = None, **extra: Optional[Tensor]) -> "GMMProjection":
+        proj = cls(qw.scheme, act_dtype, backend)
+        proj.register_buffer("qweight", qw.qweight)
+        if qw.scheme.weight_only:
+            proj.register_buffer("antiquant_scale", qw.scale)
+            proj.register_buffer("antiquant_offset", qw.offset)
+        else:
+            proj.register_buffer("weight_scale", qw.scale)
+        proj.register_buffer("bias", None if bias is None else bias.to(_bias_dtype(act_dtype)))
+        for name, t in extra.items():
+            proj.register_buffer(name, t)
+        return proj
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """`[S, K]` rows sorted by expert, `counts` int64 `[E]` -> `[S, N]`."""
+        common = dict(group_list=counts, group_list_type=1, group_type=0, split_item=2, backend=self.backend)
+        bias = None if self.bias is None else [self.bias]
+        if self.scheme is None:
+            return grouped_matmul([x.to(self.weight.dtype)], [self.weight], bias=bias, **common)[0]
+        x = x.to(self.act_dtype)
+        if self.scheme.weight_only:
+            offset = None if self.antiquant_offset is None else [self.antiquant_offset]
+            return grouped_matmul([x], [self.qweight], antiquant_scale=[self.antiquant_scale],
+                                  antiquant_offset=offset, bias=bias, **common)[0]
+        if self.scheme.activation == "static":
+            row_scale = torch.repeat_interleave(self.input_scale, counts, output_size=x.shape[0])
+            xq = torch.round(x.float() / row_scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+            pts = row_scale
+        elif self.smooth_scale is not None:
+            ends = counts.cumsum(0).to(torch.int32)
+            xq, pts = dynamic_quant(x, smooth_scales=self.smooth_scale, group_index=ends)
+        else:
+            xq, pts = dynamic_quant(x)
+        return grouped_matmul([xq], [self.qweight], scale=[self.weight_scale], per_token_scale=[pts], bias=bias,
+                              output_dtype=self.act_dtype, **common)[0]
+
+    def nbytes(self) -> int:
+        tensors = [self.weight] + [getattr(self, n) for n in _BUFFERS]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class GMMExperts(nn.Module):
+    """Replacement for a fused experts module; see the module docstring."""
+
+    def __init__(self, source: nn.Module, info: ExpertsModuleInfo, projections: dict[str, GMMProjection],
+                 canonical_order: bool):
+        super().__init__()
+        self.num_experts = info.num_experts
+        self.info = info
+        self.has_gate = "gate_up_proj" in info.projections
+        for name, proj in projections.items():
+            self.add_module(name, proj)
+        # The model's own gate / activation (GPT-OSS clamps, custom _apply_gate, ...), without its weights.
+        self._gate_fn = source._apply_gate if self.has_gate else source.act_fn
+        # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved
+        # gets them re-interleaved (a gather on the [S, 2I] intermediate, not on weights).
+        self._reinterleave = canonical_order and self.has_gate and not info.is_concatenated
+        norm = getattr(source, "post_expert_norm", None) if getattr(source, "has_post_expert_norm", False) else None
+        self.post_expert_norm = norm
+
+    def _gate(self, h: Tensor) -> Tensor:
+        if self._reinterleave:
+            half = h.shape[-1] // 2
+            h = torch.stack([h[..., :half], h[..., half:]], dim=-1).reshape(h.shape)
+        return self._gate_fn(h)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """`[T, H]`, `[T, k]` expert ids, `[T, k]` weights -> `[T, H]`."""
+        num_tokens, hidden = hidden_states.shape
+        top_k = top_k_index.shape[-1]
+        ids = top_k_index.reshape(-1)
+        ids_sorted, perm = torch.sort(ids, stable=True)
+        valid = int((ids_sorted < self.num_experts).sum())  # expert-parallel sentinels sort to the tail
+        perm = perm[:valid]
+        counts = torch.bincount(ids_sorted[:valid], minlength=self.num_experts)
+        x = hidden_states[perm // top_k]
+        first = self.gate_up_proj if self.has_gate else self.up_proj
+        h = self._gate(first(x, counts))
+        h = self.down_proj(h, counts)
+        if self.post_expert_norm is not None:
+            h = self.post_expert_norm(h)
+        h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
+        out = h.new_zeros(num_tokens * top_k, hidden)
+        out[perm] = h
+        return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.children() if isinstance(m, GMMProjection))
+
+
+def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optional[str]) -> dict[str, GMMProjection]:
+    """Projections that run the module's own float parameters through grouped_matmul (original column order)."""
+    out = {}
+    for proj in info.projections:
+        param = getattr(source, proj)
+        weight = param if info.is_transposed else param.transpose(-1, -2)
+        bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
+        out[proj] = GMMProjection.from_float(weight, bias, backend)
+    return out
+
+
+__all__ = ["GMMExperts", "GMMProjection", "float_projections", "deinterleave"]

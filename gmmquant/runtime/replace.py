@@ -1,0 +1,114 @@
+"""`replace_experts`: swap every fused experts module of a transformers model for GMM experts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..pack import QuantizedWeight, QuantScheme, get_scheme, quantize_weight
+from ..pack.layouts import ExpertsModuleInfo, canonical, canonical_bias, find_experts_modules
+from .experts import GMMExperts, GMMProjection, float_projections
+
+logger = logging.getLogger(__name__)
+
+
+class NoExpertsError(ValueError):
+    """The model has no MoE experts module gmmquant can replace."""
+
+
+@dataclass
+class ReplaceReport:
+    """What replace_experts did: modules replaced, scheme, and expert bytes before / after."""
+
+    modules: list[str] = field(default_factory=list)
+    scheme: Optional[QuantScheme] = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def _act_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtype:
+    if requested is not None:
+        return requested
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _strip(source: nn.Module, info: ExpertsModuleInfo) -> int:
+    """Drop the float expert weights of a replaced module (its gate function stays usable); return bytes."""
+    freed = 0
+    for proj in info.projections:
+        for name in (proj, f"{proj}_bias"):
+            t = getattr(source, name, None)
+            if isinstance(t, torch.Tensor):
+                freed += t.numel() * t.element_size()
+                setattr(source, name, None)
+    return freed
+
+
+def quantized_projections(source: nn.Module, info: ExpertsModuleInfo, scheme: QuantScheme, act_dtype: torch.dtype,
+                          backend: Optional[str]) -> dict[str, GMMProjection]:
+    """Round-to-nearest quantize a module's float experts into GMM projections (canonical column order)."""
+    out = {}
+    for proj in info.projections:
+        weight = canonical(getattr(source, proj).detach(), info, proj)
+        bias = None
+        if info.has_bias:
+            bias = canonical_bias(getattr(source, f"{proj}_bias").detach(), info, proj)
+        out[proj] = GMMProjection.from_quantized(quantize_weight(weight, scheme, act_dtype), act_dtype, bias, backend)
+    return out
+
+
+def replace_experts(
+    model: nn.Module,
+    scheme: "Optional[QuantScheme | str]" = None,
+    *,
+    backend: Optional[str] = None,
+    act_dtype: Optional[torch.dtype] = None,
+    quantized: Optional[dict[str, dict[str, QuantizedWeight]]] = None,
+) -> ReplaceReport:
+    """Replace every fused experts module of `model`, in place, by a `GMMExperts` module.
+
+    Args:
+        model: a transformers 5 MoE model (experts modules decorated with `use_experts_implementation`).
+        scheme: None runs the float weights through the GMM kernel; a scheme (or preset name) quantizes
+            them on the fly with round-to-nearest.
+        backend: grouped_matmul backend (default: by device).
+        act_dtype: activation dtype of quantized experts (default: the model's if bf16/fp16, else bf16).
+        quantized: precomputed projections per module path (e.g. from a checkpoint), used instead of RTN.
+
+    Returns:
+        ReplaceReport.
+
+    Raises:
+        NoExpertsError: the model has no experts module.
+    """
+    modules = find_experts_modules(model)
+    if not modules:
+        raise NoExpertsError(f"{type(model).__name__} has no fused MoE experts modules (a 3-D down_proj with gate_up_proj/up_proj); nothing to replace")
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    report = ReplaceReport(scheme=scheme)
+    act = _act_dtype(model, act_dtype)
+    for path, info in modules.items():
+        source = model.get_submodule(path)
+        if quantized is not None and path in quantized:
+            projections = {p: GMMProjection.from_quantized(qw, act, backend=backend) for p, qw in quantized[path].items()}
+            canonical_order = True
+        elif scheme is not None:
+            projections = quantized_projections(source, info, scheme, act, backend)
+            canonical_order = True
+        else:
+            projections = float_projections(source, info, backend)
+            canonical_order = False
+        gmm = GMMExperts(source, info, projections, canonical_order)
+        report.bytes_before += sum(getattr(source, p).numel() * getattr(source, p).element_size() for p in info.projections)
+        if canonical_order:
+            _strip(source, info)
+        model.set_submodule(path, gmm)
+        report.bytes_after += gmm.nbytes()
+        report.modules.append(path)
+    logger.info("replaced %d experts modules (%s)", len(report.modules), scheme.name if scheme else "float")
+    return report
