@@ -1,0 +1,204 @@
+"""replace_experts on ten MoE families, quantized inference, save -> load, and the NPU call pattern."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+
+from gmmquant.kernels import grouped_matmul
+from gmmquant.runtime import GMMExperts, NoExpertsError, load_model, replace_experts, save_model
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                                     num_experts_per_tok=2, head_dim=16),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(**COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+                                                         topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                                         qk_nope_head_dim=8, v_head_dim=16),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                                   topk_group=1, head_dim=16),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=1),
+    "phimoe": lambda: transformers.PhimoeConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+    # interleaved gate/up, [E, K, N] storage, biases and a clamped custom gate
+    "gpt_oss": lambda: transformers.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                                 head_dim=16, layer_types=["full_attention"] * 2),
+    # has_gate=False: up_proj + activation, no gate
+    "nemotron_h": lambda: transformers.NemotronHConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                       head_dim=16, hybrid_override_pattern="E*E", n_routed_experts=4,
+                                                       num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                                       moe_shared_expert_intermediate_size=32, mamba_num_heads=4,
+                                                       mamba_head_dim=16, ssm_state_size=16, n_groups=1),
+}
+# Max |logit error| / max |logit| of the quantized model vs float, on these random-weight models. Measured
+# maxima: 0.3% for W8 (GPT-OSS), 23% for W4-g32 on GPT-OSS (its (up + 1) * glu gate lets the experts dominate
+# the residual stream), 3% on the other families. The bounds leave headroom for other seeds.
+BOUNDS = {"w8a16": 1e-2, "w8a8-dynamic": 1e-2, "w4a16-g32": 0.35}
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    model = build(request.param)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    return request.param, model, ids, logits(model, ids)
+
+
+def test_float_replacement_matches_the_original(family):
+    name, model, ids, ref = family
+    replaced = copy.deepcopy(model)
+    report = replace_experts(replaced)
+    assert report.modules and all(isinstance(replaced.get_submodule(p), GMMExperts) for p in report.modules)
+    out = logits(replaced, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", sorted(BOUNDS))
+def test_quantized_within_bound(family, scheme):
+    name, model, ids, ref = family
+    replaced = copy.deepcopy(model)
+    report = replace_experts(replaced, scheme)
+    assert report.bytes_after < report.bytes_before
+    err = float((logits(replaced, ids) - ref).abs().max() / ref.abs().max())
+    assert 0 < err < BOUNDS[scheme], f"{name} {scheme}: relative logit error {err:.3e}"
+
+
+def dequantized_copy(model, scheme):
+    """The float model with every expert weight replaced by its RTN-dequantized value, in HF's own layout."""
+    from gmmquant.pack import get_scheme, quantize_weight
+    from gmmquant.pack.layouts import canonical, find_experts_modules
+
+    emulated = copy.deepcopy(model)
+    for path, info in find_experts_modules(emulated).items():
+        module = emulated.get_submodule(path)
+        for proj in info.projections:
+            param = getattr(module, proj)
+            dq = quantize_weight(canonical(param.detach(), info, proj), get_scheme(scheme), torch.bfloat16).dequantize()
+            if proj == "gate_up_proj" and not info.is_concatenated:  # back to gate/up interleaved
+                half = dq.shape[-1] // 2
+                dq = torch.stack([dq[..., :half], dq[..., half:]], dim=-1).reshape(dq.shape)
+            param.data.copy_(dq if info.is_transposed else dq.transpose(-1, -2))
+    return emulated
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16-g32"])
+def test_quantized_model_equals_float_model_on_dequantized_weights(family, scheme):
+    """The quantization error is all there is: GMM on packed weights == float model on dequantized weights."""
+    name, model, ids, _ = family
+    replaced = copy.deepcopy(model)
+    replace_experts(replaced, scheme)
+    ref = logits(dequantized_copy(model, scheme), ids)
+    err = float((logits(replaced, ids) - ref).abs().max() / ref.abs().max())
+    assert err < 2e-2, f"{name}: {err:.3e} (bf16 activations in the experts vs float32)"
+
+
+def test_save_load_identical_logits_and_generate(family, tmp_path):
+    name, model, ids, _ = family
+    quantized = copy.deepcopy(model)
+    replace_experts(quantized, "w4a16-g32")
+    save_model(quantized, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    torch.testing.assert_close(logits(loaded, ids), logits(quantized, ids), rtol=0, atol=0)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(loaded.generate(ids, **kw), quantized.generate(ids, **kw))
+
+
+def test_single_token_and_padded_batch():
+    model = build("qwen3_moe")
+    replaced = copy.deepcopy(model)
+    replace_experts(replaced)
+    one = torch.tensor([[5]])
+    torch.testing.assert_close(logits(replaced, one), logits(model, one), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[2, :5] = 0
+    torch.testing.assert_close(logits(replaced, ids, attention_mask=mask), logits(model, ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def experts_reference(module, x, idx, w):
+    """float64 per-token loop over the original experts module's weights (concatenated gate/up)."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e >= module.num_experts:
+                continue
+            h = x[t].double() @ module.gate_up_proj[e].double().T
+            gate, up = h.chunk(2)
+            h = module.act_fn(gate) * up
+            out[t] += float(w[t, j]) * (h @ module.down_proj[e].double().T)
+    return out
+
+
+def test_empty_experts_and_expert_parallel_sentinels():
+    model = build("qwen3_moe")
+    source = copy.deepcopy(model.model.layers[0].mlp.experts)
+    replace_experts(model)
+    gmm = model.model.layers[0].mlp.experts
+    x = torch.randn(5, 64)
+    idx = torch.tensor([[0, 2], [2, 4], [0, 4], [4, 4], [2, 0]])  # experts 1 and 3 empty; 4 = sentinel (E=4)
+    w = torch.rand(5, 2)
+    with torch.no_grad():
+        out = gmm(x, idx, w)
+        ref = experts_reference(source, x, idx, w)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert float(out[3].abs().max()) == 0.0  # a token routed only to sentinels gets nothing
+
+
+def test_model_without_experts():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(NoExpertsError, match="has no fused MoE experts modules"):
+        replace_experts(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_npu_calls_match_vllm_ascend(monkeypatch):
+    """With the npu backend, each projection is one call: single tensors, split_item 2, group_type 0, counts."""
+    calls = []
+    fake = types.ModuleType("torch_npu")
+
+    def npu_grouped_matmul(x, weight, **kw):
+        calls.append((x, weight, kw))
+        return grouped_matmul(x, weight, backend="reference", **kw)
+
+    fake.npu_grouped_matmul = npu_grouped_matmul
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    model = build("mixtral")
+    ids = torch.randint(0, 96, (1, 5))
+    for scheme in (None, "w8a8-dynamic", "w4a16-g32"):
+        replaced = copy.deepcopy(model)
+        replace_experts(replaced, scheme, backend="npu")
+        calls.clear()
+        logits(replaced, ids)
+        assert len(calls) == 2 * 2  # two layers x (gate_up, down)
+        for x, weight, kw in calls:
+            assert len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3
+            assert kw["split_item"] == 2 and kw["group_type"] == 0 and kw["group_list_type"] == 1
+            assert kw["group_list"].dtype == torch.int64 and kw["group_list"].shape == (4,)
+            if scheme == "w8a8-dynamic":
+                assert x[0].dtype == torch.int8 and kw["per_token_scale"][0].dtype == torch.float32
+                assert kw["output_dtype"] == torch.bfloat16 and kw["scale"][0].dtype == torch.bfloat16
+            if scheme == "w4a16-g32":
+                assert weight[0].dtype == torch.int32 and kw["antiquant_scale"][0].dim() == 3
