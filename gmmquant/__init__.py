@@ -1,6 +1,7 @@
 """gmmquant: quantized Mixture-of-Experts experts on grouped-matmul kernels.
 
-Public API (DESIGN.md section 6): everything importable from here; other modules may move.
+Public API (DESIGN.md section 6): everything importable from here; other modules may move. Importing
+gmmquant registers `quant_method: "gmmquant"` and `experts_implementation="gmm"` with transformers.
 """
 
 from .kernels import (
@@ -16,11 +17,14 @@ from .pack import PRESETS, QuantScheme, QuantizedWeight, SchemeError, get_scheme
 from .pack.checkpoint import QuantizedCheckpoint, load_quantized, save_quantized
 from .pack.format import FormatError
 from .pack.stream import stream_pack
+from .runtime import GMMExperts, NoExpertsError, load_model, replace_experts, save_model  # registers quant_method "gmmquant"
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FormatError",
+    "GMMExperts",
+    "NoExpertsError",
     "GMMContractError",
     "PRESETS",
     "QuantScheme",
@@ -32,9 +36,12 @@ __all__ = [
     "dynamic_quant",
     "get_scheme",
     "grouped_matmul",
+    "load_model",
     "load_quantized",
     "pack_int4",
     "quantize_weight",
+    "replace_experts",
+    "save_model",
     "save_quantized",
     "stream_pack",
     "trans_quant_param",

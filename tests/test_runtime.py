@@ -202,3 +202,38 @@ def test_npu_calls_match_vllm_ascend(monkeypatch):
                 assert kw["output_dtype"] == torch.bfloat16 and kw["scale"][0].dtype == torch.bfloat16
             if scheme == "w4a16-g32":
                 assert weight[0].dtype == torch.int32 and kw["antiquant_scale"][0].dim() == 3
+
+
+def test_from_pretrained_after_import_gmmquant(tmp_path):
+    """AutoModelForCausalLM.from_pretrained loads both a saved model and a stream-packed HF directory."""
+    import gmmquant  # noqa: F401  (registers the quantizer)
+    from gmmquant.pack import get_scheme
+    from gmmquant.pack.stream import stream_pack
+
+    model = build("mixtral")
+    model.save_pretrained(tmp_path / "hf")  # per-expert w1/w2/w3 names under block_sparse_moe on disk
+    stream_pack(tmp_path / "hf", tmp_path / "packed", get_scheme("w4a16-g32"))
+    quantized = copy.deepcopy(model)
+    replace_experts(quantized, "w4a16-g32")
+    save_model(quantized, tmp_path / "saved")
+    ids = torch.randint(0, 96, (2, 6))
+    want = logits(quantized, ids)
+    for path in ("packed", "saved"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / path)
+        experts = loaded.model.layers[0].mlp.experts
+        assert isinstance(experts, GMMExperts) and experts.gate_up_proj.qweight.dtype == torch.int32
+        assert not [n for n, p in loaded.named_parameters() if "experts" in n], "float experts were materialised"
+        torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss", "nemotron_h"])
+def test_experts_implementation_gmm(name):
+    import gmmquant  # noqa: F401  (registers "gmm")
+
+    model = build(name)
+    ids = torch.randint(0, 96, (2, 6))
+    ref = logits(model, ids)
+    config = FAMILIES[name]()
+    gmm = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="gmm").eval()
+    gmm.load_state_dict(build(name).state_dict())
+    torch.testing.assert_close(logits(gmm, ids), ref, rtol=1e-5, atol=1e-5)

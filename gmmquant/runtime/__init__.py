@@ -7,3 +7,4 @@ __all__ = ["GMMExperts", "GMMProjection", "NoExpertsError", "ReplaceReport", "re
 from .load import load_model, save_model  # noqa: E402
 
 __all__ += ["load_model", "save_model"]
+from . import hf_integration  # noqa: E402,F401  (registers quant_method "gmmquant" and experts "gmm")

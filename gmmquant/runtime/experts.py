@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
+from ..pack.format import ExpertsSpec
 from ..pack.layouts import ExpertsModuleInfo, deinterleave
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
@@ -67,6 +68,17 @@ class GMMProjection(nn.Module):
         for name, t in extra.items():
             proj.register_buffer(name, t)
         return proj
+
+    @classmethod
+    def empty(cls, spec: "ExpertsSpec", proj: str, device: "str | torch.device" = "meta",
+              backend: Optional[str] = None) -> "GMMProjection":
+        """A projection with uninitialised buffers of the checkpoint's names, dtypes and shapes (to be loaded)."""
+        out = cls(spec.scheme, spec.act_dtype, backend)
+        prefix = f"{spec.prefix}.{proj}."
+        for name, (dtype, shape) in spec.expected_tensors().items():
+            if name.startswith(prefix):
+                out.register_buffer(name[len(prefix):], torch.empty(shape, dtype=dtype, device=device))
+        return out
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """`[S, K]` rows sorted by expert, `counts` int64 `[E]` -> `[S, N]`."""

@@ -9,7 +9,6 @@ memory is close to the quantized size.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import torch

@@ -1,0 +1,86 @@
+"""transformers integration: `quant_method: "gmmquant"` for from_pretrained, and the "gmm" experts implementation.
+
+`import gmmquant.runtime` registers both:
+- a quantization config + quantizer, so `AutoModelForCausalLM.from_pretrained(checkpoint)` builds GMM experts
+  modules on the meta device before the weights load and the quantized tensors land straight in them;
+- `ALL_EXPERTS_FUNCTIONS["gmm"]`, so an unquantized model can run its experts through `grouped_matmul`
+  with `experts_implementation="gmm"` (npu_grouped_matmul on NPU, the cpu backend elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..pack.format import QUANT_METHOD, parse_quantization_config
+from ..pack.layouts import experts_module_info
+from .experts import GMMExperts, GMMProjection, float_projections
+
+
+@register_quantization_config(QUANT_METHOD)
+class GMMQuantConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a gmmquant checkpoint (docs/FORMAT.md), validated on construction."""
+
+    def __init__(self, format_version: int = 1, act_dtype: str = "bfloat16", modules: dict | None = None,
+                 ignore: list | None = None, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.act_dtype = act_dtype
+        self.modules = modules or {}
+        self.ignore = ignore or []
+        self.specs, _, self.torch_act_dtype = parse_quantization_config(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "act_dtype": self.act_dtype,
+                "modules": self.modules, "ignore": self.ignore}
+
+
+@register_quantizer(QUANT_METHOD)
+class GMMHfQuantizer(HfQuantizer):
+    """Swap each quantized experts module for an empty GMMExperts before the checkpoint's tensors load."""
+
+    requires_calibration = True  # loads gmmquant checkpoints; quantizing is `gmmquant pack` / `calibrate`
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        for prefix, spec in self.quantization_config.specs.items():
+            source = model.get_submodule(prefix)
+            info = experts_module_info(prefix, source)
+            if info is None:
+                raise ValueError(f"{prefix} is not a fused experts module of {type(model).__name__}")
+            projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
+            for proj in info.projections:
+                for name in (proj, f"{proj}_bias"):
+                    if getattr(source, name, None) is not None:
+                        setattr(source, name, None)
+            model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def gmm_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "gmm" experts implementation: this module's float weights through grouped_matmul."""
+    info = experts_module_info("", self)
+    key = tuple(id(getattr(self, p)) for p in info.projections)  # rebuilt if the parameters are replaced
+    cached = self.__dict__.get("_gmm_experts")
+    if cached is None or cached[0] != key:
+        cached = (key, GMMExperts(self, info, float_projections(self, info, backend=None), canonical_order=False))
+        self.__dict__["_gmm_experts"] = cached  # not a submodule: no new state_dict keys
+    return cached[1](hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register("gmm", gmm_experts_forward)
