@@ -179,7 +179,7 @@ def check_grouped_matmul(
     k, n = _check_shapes(xs, ws, api, group_type, x_single, w_single, single_output, weight_bits)
     _check_param_shapes(ws, w_single, n, k, bias, scale, antiquant_scale, antiquant_offset, weight_bits)
 
-    plan_groups, output_shapes = _plan_groups(
+    plan_groups, output_shapes, group_sizes = _plan_groups(
         xs, ws, api, group_list, group_type, group_list_type, x_single, w_single, single_output, n, read_group_list
     )
     if per_token_scale is not None:
@@ -210,6 +210,7 @@ def check_grouped_matmul(
         x=xs[0] if x_single else None,
         weight=ws[0] if w_single else None,
         experts_in_order=bool(in_order),
+        group_sizes=group_sizes if in_order else None,
         k_split=group_type == 2,
     )
 
@@ -473,8 +474,8 @@ def _group_values(group_list: Any, group_list_type: int) -> list[Any]:
 def _plan_groups(
     xs: list[Tensor], ws: list[Tensor], api: str, group_list: Any, group_type: Optional[int], group_list_type: int,
     x_single: bool, w_single: bool, single_output: bool, n: list[int], read_group_list: bool,
-) -> tuple[list[Group], list[tuple[int, ...]]]:
-    """Turn group_list into the list of matmuls, checking its values against the spec."""
+) -> tuple[list[Group], list[tuple[int, ...]], Optional[list[int]]]:
+    """Turn group_list into (matmuls, multi-output shapes, rows per listed group), checking its values."""
     num_weights = ws[0].shape[0] if (w_single and group_type != 2) else len(ws)
     if group_list is None:
         # One group per (x, weight) pair: multi/multi/multi or multi/multi/single.
@@ -483,9 +484,9 @@ def _plan_groups(
             rows = math.prod(t.shape[:-1])
             groups.append(Group(i, 0, rows, i, None))
             shapes.append(tuple(t.shape[:-1]) + (n[i],))
-        return groups, shapes
+        return groups, shapes, None
     if isinstance(group_list, Tensor) and group_list.device.type != "cpu" and not read_group_list:
-        return [], []
+        return [], [], None
 
     values = _group_values(group_list, group_list_type)
     if group_list_type == 2:
@@ -524,7 +525,7 @@ def _plan_groups(
         if sizes != rows:
             _fail("group_list.matches_x", f"group_list sizes {sizes} must equal the rows of each x tensor {rows}")
         groups = [Group(i, 0, rows[i], i, None) for i in range(len(xs))]
-        return groups, [(rows[i], n[i]) for i in range(len(xs))]
+        return groups, [(rows[i], n[i]) for i in range(len(xs))], sizes
 
     total_axis = xs[0].shape[1] if group_type == 2 else xs[0].shape[0]
     axis = "K (x's second dim)" if group_type == 2 else "M (x's first dim)"
@@ -535,12 +536,16 @@ def _plan_groups(
     starts = [0] + ends[:-1]
     if group_type == 2:
         groups = [Group(0, a, b, 0, None) for a, b in zip(starts, ends)]
-    elif w_single:
-        groups = [Group(0, a, b, 0, e) for a, b, e in zip(starts, ends, experts)]
+    elif single_output:
+        # Empty groups add no rows to a single output: a decode step over 128 experts plans only the few hit.
+        groups = [Group(0, a, b, 0 if w_single else e, e if w_single else None)
+                  for a, b, e in zip(starts, ends, experts) if b > a]
     else:
         groups = [Group(0, a, b, e, None) for a, b, e in zip(starts, ends, experts)]
+    if single_output:
+        return groups, [], sizes
     shapes = [(size, n[0 if w_single else e]) for e, size in zip(experts, sizes)]
-    return groups, shapes
+    return groups, shapes, sizes
 
 
 def _check_per_token_scale(per_token_scale: list[Tensor], xs: list[Tensor], x_single: bool) -> None:

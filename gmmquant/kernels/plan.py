@@ -80,8 +80,10 @@ class GMMPlan:
         output_shapes: for "multi", the shape of each output tensor.
         x, weight: the lone x tensor / weight tensor of single-tensor calls (None otherwise), for
             backends with fused paths.
-        experts_in_order: True when group g uses expert g of a single weight and groups tile x's rows
-            in order, i.e. the call is exactly `grouped_mm(x, weight, offs)`.
+        experts_in_order: True when the listed groups are experts 0..E-1 of a single weight tiling x's rows
+            in order, i.e. the call is exactly `grouped_mm(x, weight, offs)`; `group_sizes` then holds the
+            rows of every expert (`groups` holds only the non-empty ones: empty groups of a single output
+            are not planned).
         k_split: True for group_type 2.
     """
 
@@ -104,6 +106,7 @@ class GMMPlan:
     x: Optional[Tensor] = None
     weight: Optional[Tensor] = None
     experts_in_order: bool = False
+    group_sizes: Optional[list[int]] = None
     k_split: bool = False
 
     def operands(self, g: Group) -> Operands:

@@ -103,6 +103,16 @@ class GMMProjection(nn.Module):
         return grouped_matmul([xq], [self.qweight], scale=[self.weight_scale], per_token_scale=[pts], bias=bias,
                               output_dtype=self.act_dtype, **common)[0]
 
+    def prepare(self) -> None:
+        """Run one row through every expert so that backends with load-time repacking (the cpu backend's
+        per-expert int8 / int4 layouts) do it now rather than on the first tokens routed to each expert."""
+        e = (self.weight if self.scheme is None else self.qweight).shape[0]
+        k = (self.weight if self.scheme is None else self.qweight).shape[1]
+        device = (self.weight if self.scheme is None else self.qweight).device
+        dtype = self.weight.dtype if self.scheme is None else self.act_dtype
+        with torch.no_grad():
+            self(torch.zeros(e, k, dtype=dtype, device=device), torch.ones(e, dtype=torch.int64, device=device))
+
     def nbytes(self) -> int:
         tensors = [self.weight] + [getattr(self, n) for n in _BUFFERS]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -153,8 +163,16 @@ class GMMExperts(nn.Module):
         out[perm] = h
         return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
+    def projections(self) -> list[GMMProjection]:
+        return [m for m in self.children() if isinstance(m, GMMProjection)]
+
+    def prepare(self) -> None:
+        """Load-time work of the backend (repacking) for every expert; see GMMProjection.prepare."""
+        for proj in self.projections():
+            proj.prepare()
+
     def nbytes(self) -> int:
-        return sum(m.nbytes() for m in self.children() if isinstance(m, GMMProjection))
+        return sum(m.nbytes() for m in self.projections())
 
 
 def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optional[str]) -> dict[str, GMMProjection]:

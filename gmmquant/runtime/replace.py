@@ -37,6 +37,15 @@ def _act_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtyp
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def _runs_on_cpu(module: nn.Module, backend: Optional[str]) -> bool:
+    from ..kernels.grouped_matmul import select_backend
+
+    buffer = next(module.buffers(), None)
+    if buffer is None or buffer.device.type == "meta":
+        return False
+    return select_backend([buffer], backend) == "cpu"
+
+
 def _strip(source: nn.Module, info: ExpertsModuleInfo) -> int:
     """Drop the float expert weights of a replaced module (its gate function stays usable); return bytes."""
     freed = 0
@@ -69,6 +78,7 @@ def replace_experts(
     backend: Optional[str] = None,
     act_dtype: Optional[torch.dtype] = None,
     quantized: Optional[dict[str, dict[str, QuantizedWeight]]] = None,
+    prepare: bool = True,
 ) -> ReplaceReport:
     """Replace every fused experts module of `model`, in place, by a `GMMExperts` module.
 
@@ -79,6 +89,7 @@ def replace_experts(
         backend: grouped_matmul backend (default: by device).
         act_dtype: activation dtype of quantized experts (default: the model's if bf16/fp16, else bf16).
         quantized: precomputed projections per module path (e.g. from a checkpoint), used instead of RTN.
+        prepare: repack quantized weights for the CPU kernels now (load time) instead of on first use.
 
     Returns:
         ReplaceReport.
@@ -108,6 +119,8 @@ def replace_experts(
         if canonical_order:
             _strip(source, info)
         model.set_submodule(path, gmm)
+        if prepare and canonical_order and _runs_on_cpu(gmm, backend):
+            gmm.prepare()
         report.bytes_after += gmm.nbytes()
         report.modules.append(path)
     logger.info("replaced %d experts modules (%s)", len(report.modules), scheme.name if scheme else "float")

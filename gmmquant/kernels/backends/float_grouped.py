@@ -26,9 +26,8 @@ def float_grouped_mm(plan: GMMPlan) -> Optional[Tensor]:
         return None
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return None
-    ends = torch.tensor([g.stop for g in plan.groups], dtype=torch.int32, device=x.device)
-    y = F.grouped_mm(x, w, offs=ends)
+    sizes = torch.tensor(plan.group_sizes, device=x.device)
+    y = F.grouped_mm(x, w, offs=sizes.cumsum(0).to(torch.int32))
     if plan.bias is not None:
-        sizes = torch.tensor([g.size for g in plan.groups], device=x.device)
         y = (y.float() + plan.bias[0].float().repeat_interleave(sizes, dim=0)).to(plan.out_dtype)
     return y

@@ -1,0 +1,134 @@
+"""One Qwen3-30B-A3B-shaped MoE block, and a tiny model's generate(), HF bf16 vs gmmquant experts.
+
+Usage: python benchmarks/bench_moe.py [--tokens 1,4,16,2048] [--reps 10] [--skip-generate]
+
+Block: E=128 experts, H=2048, I=768, top-8 (Qwen3-30B-A3B), bf16, transformers' own router. Baseline: HF's
+default `grouped_mm` experts. Ours: `replace_experts` with float weights, W8A16, W4A16-g128, W8A8-dynamic,
+all on `grouped_matmul(backend="cpu")`. Every timed call gets fresh hidden states, so routing (and the
+experts whose weights are read) changes from call to call, as in decode. Prints median ms per block call,
+the speedup over the baseline measured in the same run, and expert memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import transformers
+
+from gmmquant import replace_experts
+
+VARIANTS = [("hf bf16 grouped_mm", None), ("gmmquant float", "float"), ("W8A16", "w8a16"),
+            ("W4A16-g128", "w4a16-g128"), ("W8A8-dynamic", "w8a8-dynamic")]
+
+
+def median_ms(fn, inputs, budget_s: float) -> float:
+    fn(inputs[0])  # warm-up (per-expert repack caches are filled on the first calls)
+    times, deadline = [], time.perf_counter() + budget_s
+    for x in inputs:
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def build_block(seed: int = 0) -> torch.nn.Module:
+    config = transformers.Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                         norm_topk_prob=True, vocab_size=1024, num_hidden_layers=1, num_attention_heads=32,
+                                         num_key_value_heads=4, head_dim=128)
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(seed)
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block.to(torch.bfloat16).eval()
+
+
+def variants(block: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    out = {}
+    for name, scheme in VARIANTS:
+        if scheme is None:
+            experts = block.experts
+            out[name] = (block, sum(p.numel() * p.element_size() for p in experts.parameters()))
+            continue
+        replaced = copy.deepcopy(block)
+        report = replace_experts(replaced, None if scheme == "float" else scheme, backend="cpu")
+        out[name] = (replaced, report.bytes_after)
+    return out
+
+
+def bench_block(tokens: list[int], reps: int) -> None:
+    block = build_block()
+    models = variants(block)
+    rows = []
+    for t in tokens:
+        g = torch.Generator().manual_seed(t)
+        inputs = [torch.randn(1, t, 2048, generator=g).to(torch.bfloat16) for _ in range(reps)]
+        budget = 90.0 if t >= 1024 else 20.0
+        times = {}
+        for name, (model, _) in models.items():
+            with torch.no_grad():
+                times[name] = median_ms(model, inputs, budget)
+        rows.append((t, times))
+        print(f"  block, {t} tokens: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in times.items()), flush=True)
+    base = VARIANTS[0][0]
+    print()
+    print("| tokens | " + " | ".join(f"{n} ms" for n, _ in VARIANTS) + " | " + " | ".join(f"{n} speedup" for n, _ in VARIANTS[1:]) + " |")
+    print("|---:|" + "---:|" * (2 * len(VARIANTS) - 1))
+    for t, times in rows:
+        cells = [f"{times[n]:.2f}" for n, _ in VARIANTS] + [f"{times[base] / times[n]:.2f}x" for n, _ in VARIANTS[1:]]
+        print(f"| {t} | " + " | ".join(cells) + " |")
+    print()
+    print("| experts memory | " + " | ".join(f"{n}: {b / 2**20:.0f} MiB" for n, (_, b) in models.items()) + " |")
+
+
+def bench_generate(new_tokens: int = 32) -> None:
+    config = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                         num_experts=32, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    print()
+    print(f"tiny Qwen3-MoE (4 layers, 32 experts, H=512, I=256) generate {new_tokens} tokens, greedy, batch 1:")
+    print("| experts | tokens/s | speedup |")
+    print("|---|---:|---:|")
+    first = None
+    for name, scheme in VARIANTS:
+        model = base if scheme is None else copy.deepcopy(base)
+        if scheme is not None:
+            replace_experts(model, None if scheme == "float" else scheme, backend="cpu")
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(prompt, **kw)  # warm-up
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model.generate(prompt, **kw)
+            runs.append(new_tokens / (time.perf_counter() - start))
+        tps = statistics.median(runs)
+        first = first or tps
+        print(f"| {name} | {tps:.1f} | {tps / first:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,4,16,2048")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--skip-generate", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    bench_block([int(t) for t in args.tokens.split(",")], args.reps)
+    if not args.skip_generate:
+        bench_generate()
+
+
+if __name__ == "__main__":
+    main()
