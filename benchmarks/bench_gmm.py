@@ -3,7 +3,8 @@
 Usage: python benchmarks/bench_gmm.py [--shapes small,qwen3] [--tokens 1,16,128,1024,4096] [--reps 20]
 
 Prints one table: median milliseconds per call for each scheme, and its speedup over the bf16 baseline
-measured in the same run (timing here is noisy; ratios within one run are what to compare). Rows are routed
+measured in the same run, the variants timed round-robin (timing here is noisy; ratios within one run are
+what to compare). Rows are routed
 to experts uniformly at random, so M=1 touches one expert and M=4096 touches all of them.
 """
 
@@ -21,17 +22,19 @@ from gmmquant.kernels import grouped_matmul, pack_int4
 SHAPES = {"small": (64, 1024, 1024), "qwen3": (128, 2048, 1536)}  # (E, K, N); qwen3 = Qwen3-30B-A3B gate_up
 
 
-def median_ms(fn, reps: int, budget_s: float = 20.0) -> float:
-    """Median wall time of fn(i) over i = 0..reps-1 (after one warm-up call per distinct input)."""
-    times = []
+def interleaved_medians(fns: dict, reps: int, budget_s: float = 20.0) -> dict[str, float]:
+    """Median ms of each fn(i), i = 0..reps-1, timing the variants round-robin so that the noise of this
+    shared VM (CPU steal comes and goes) hits every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     deadline = time.perf_counter() + budget_s
     for i in range(reps):
-        start = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() > deadline and len(times) >= 3:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i)
+            times[name].append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > deadline and i >= 2:
             break
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_layer(experts: int, k: int, n: int, seed: int = 0):
@@ -82,10 +85,9 @@ def bench_shape(name: str, experts: int, k: int, n: int, tokens: list[int], reps
         xw = torch.randn(experts, k).to(torch.bfloat16)
         grouped_matmul([xw], [layer["w8"]], antiquant_scale=[layer["s8"]], group_list=all_experts, **common)
         grouped_matmul([xw], [layer["w4"]], antiquant_scale=[layer["s4"]], group_list=all_experts, **common)
-        budget = 60.0 if m >= 1024 else 20.0
-        t_bf16 = median_ms(bf16, reps, budget)
-        t_w8 = median_ms(w8, reps, budget)
-        t_w4 = median_ms(w4, reps, budget)
+        budget = 120.0 if m >= 1024 else 30.0
+        t = interleaved_medians({"bf16": bf16, "w8": w8, "w4": w4}, reps, budget)
+        t_bf16, t_w8, t_w4 = t["bf16"], t["w8"], t["w4"]
         hit = statistics.median(int((c > 0).sum()) for c in routes)
         rows.append((name, experts, k, n, m, hit, t_bf16, t_w8, t_w4))
         print(f"  {name} M={m}: bf16 {t_bf16:.2f} ms, w8a16 {t_w8:.2f} ms, w4a16-g128 {t_w4:.2f} ms", flush=True)
