@@ -170,7 +170,7 @@ def test_empty_experts_and_expert_parallel_sentinels():
 def test_model_without_experts():
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(NoExpertsError, match="has no fused MoE experts modules"):
+    with pytest.raises(NoExpertsError, match="has no MoE experts modules"):
         replace_experts(transformers.AutoModelForCausalLM.from_config(config))
 
 
@@ -237,3 +237,64 @@ def test_experts_implementation_gmm(name):
     gmm = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="gmm").eval()
     gmm.load_state_dict(build(name).state_dict())
     torch.testing.assert_close(logits(gmm, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+class OldStyleMLP(torch.nn.Module):
+    """A transformers-4 / remote-code expert: three nn.Linear and an activation."""
+
+    def __init__(self, hidden, inter, names=("w1", "w3", "w2")):
+        super().__init__()
+        self.names = names
+        setattr(self, names[0], torch.nn.Linear(hidden, inter, bias=False))
+        setattr(self, names[1], torch.nn.Linear(hidden, inter, bias=False))
+        setattr(self, names[2], torch.nn.Linear(inter, hidden, bias=False))
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class OldStyleMoE(torch.nn.Module):
+    """Mixtral as transformers 4 wrote it: a router and a Python loop over an nn.ModuleList of experts."""
+
+    def __init__(self, hidden=64, inter=32, experts=6, top_k=2, names=("w1", "w3", "w2")):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList([OldStyleMLP(hidden, inter, names) for _ in range(experts)])
+
+    def forward(self, x):
+        probs = torch.softmax(self.gate(x), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out
+
+
+@pytest.mark.parametrize("names", [("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")])
+def test_module_list_experts(names):
+    torch.manual_seed(0)
+    block = OldStyleMoE(names=names).eval()
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        ref = block(x)
+    replaced = copy.deepcopy(block)
+    report = replace_experts(replaced)
+    assert report.modules == ["experts"] and len(replaced.experts) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(replaced(x), ref, rtol=1e-5, atol=1e-6)
+    quantized = copy.deepcopy(block)
+    replace_experts(quantized, "w8a16")
+    with torch.no_grad():
+        out = quantized(x)
+        # the fused path gives the same result as the model's own loop over experts[e]
+        weights, chosen = torch.topk(torch.softmax(block.gate(x), -1), 2, dim=-1)
+        fused = quantized.experts(x, chosen, weights)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 2e-2
+    # both run the experts with bf16 activations; they differ only in where the routing weights are applied
+    assert float((fused - out).abs().max()) <= 1e-2 * float(out.abs().max())

@@ -30,6 +30,8 @@ class ExpertsModuleInfo:
         is_transposed: params stored `[E, K, N]` (True) or `[E, N, K]` (False, transformers' default).
         is_concatenated: gate and up are the two halves of gate_up (True) or interleaved (GPT-OSS).
         has_bias: per-expert biases `<proj>_bias` `[E, N]`.
+        linear_names: set for the older layout, an `nn.ModuleList` of per-expert MLPs with nn.Linear
+            gate / up / down (`gate_proj, up_proj, down_proj` or Mixtral's `w1, w3, w2`).
     """
 
     path: str
@@ -38,6 +40,7 @@ class ExpertsModuleInfo:
     is_transposed: bool
     is_concatenated: bool
     has_bias: bool
+    linear_names: Optional[tuple[str, str, str]] = None  # (gate, up, down) of an nn.ModuleList of MLPs
 
 
 def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
@@ -64,11 +67,49 @@ def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleI
     )
 
 
+PER_EXPERT_LINEARS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def module_list_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for an nn.ModuleList of identical gated MLPs (remote-code / transformers 4 layout)."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        return None
+    for names in PER_EXPERT_LINEARS:
+        if not all(all(isinstance(getattr(m, n, None), nn.Linear) for n in names) for m in module):
+            continue
+        gate, up, down = (getattr(module[0], n) for n in names)
+        shapes = {tuple(tuple(getattr(m, n).weight.shape) for n in names) for m in module}
+        if len(shapes) != 1 or gate.weight.shape != up.weight.shape:
+            return None
+        hidden, inter = gate.in_features, gate.out_features
+        return ExpertsModuleInfo(path, len(module), {"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)},
+                                 is_transposed=False, is_concatenated=True, has_bias=gate.bias is not None,
+                                 linear_names=names)
+    return None
+
+
+def module_list_weight(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """Stack a ModuleList's per-expert nn.Linear weights into the canonical `[E, K, N]` (gate then up)."""
+    gate, up, down = info.linear_names
+    if proj == "gate_up_proj":
+        return torch.stack([torch.cat([getattr(m, gate).weight, getattr(m, up).weight]).t() for m in module])
+    return torch.stack([getattr(m, down).weight.t() for m in module])
+
+
+def module_list_bias(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    gate, up, down = info.linear_names
+    if proj == "gate_up_proj":
+        return torch.stack([torch.cat([getattr(m, gate).bias, getattr(m, up).bias]) for m in module])
+    return torch.stack([getattr(m, down).bias for m in module])
+
+
 def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
-    """Every fused experts module of a model, by path."""
+    """Every experts module of a model (fused transformers 5 modules and ModuleLists of MLPs), by path."""
     found = {}
     for path, module in model.named_modules():
-        info = experts_module_info(path, module)
+        if any(path.startswith(p + ".") for p in found):
+            continue
+        info = experts_module_info(path, module) or module_list_info(path, module)
         if info is not None:
             found[path] = info
     return found
@@ -90,6 +131,22 @@ def deinterleave(t: Tensor, dim: int = -1) -> Tensor:
     index_even[dim] = slice(0, None, 2)
     index_odd[dim] = slice(1, None, 2)
     return torch.cat([t[tuple(index_even)], t[tuple(index_odd)]], dim=dim)
+
+
+def expert_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """One projection of all experts of a module, canonical `[E, K, N]` (a view where the layout allows)."""
+    if info.linear_names:
+        return module_list_weight(module, info, proj)
+    return canonical(getattr(module, proj), info, proj)
+
+
+def expert_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Optional[Tensor]:
+    """The projection's per-expert bias `[E, N]` in canonical order, or None."""
+    if not info.has_bias:
+        return None
+    if info.linear_names:
+        return module_list_bias(module, info, proj)
+    return canonical_bias(getattr(module, f"{proj}_bias"), info, proj)
 
 
 def canonical(param: Tensor, info: ExpertsModuleInfo, proj: str) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.format import ExpertsSpec
-from ..pack.layouts import ExpertsModuleInfo, deinterleave
+from ..pack.layouts import ExpertsModuleInfo, deinterleave, expert_bias, module_list_weight
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
 
@@ -130,7 +130,11 @@ class GMMExperts(nn.Module):
         for name, proj in projections.items():
             self.add_module(name, proj)
         # The model's own gate / activation (GPT-OSS clamps, custom _apply_gate, ...), without its weights.
-        self._gate_fn = source._apply_gate if self.has_gate else source.act_fn
+        if info.linear_names:  # a ModuleList of MLPs: act(gate) * up with the experts' own activation
+            act = source[0].act_fn
+            self._gate_fn = lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
+        else:
+            self._gate_fn = source._apply_gate if self.has_gate else source.act_fn
         # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved
         # gets them re-interleaved (a gather on the [S, 2I] intermediate, not on weights).
         self._reinterleave = canonical_order and self.has_gate and not info.is_concatenated
@@ -175,15 +179,52 @@ class GMMExperts(nn.Module):
         return sum(m.nbytes() for m in self.projections())
 
 
+class _ExpertView:
+    """`experts[e]` of a GMMExpertList: expert e's MLP as one grouped matmul group."""
+
+    def __init__(self, experts: "GMMExpertList", index: int):
+        self.experts, self.index = experts, index
+
+    def __call__(self, x: Tensor) -> Tensor:
+        counts = torch.zeros(self.experts.num_experts, dtype=torch.int64, device=x.device)
+        counts[self.index] = x.shape[0]
+        h = self.experts._gate(self.experts.gate_up_proj(x, counts))
+        return self.experts.down_proj(h, counts).to(x.dtype)
+
+
+class GMMExpertList(GMMExperts):
+    """Replacement for an `nn.ModuleList` of per-expert MLPs (remote-code / transformers 4 layout).
+
+    The model's own MoE loop keeps working (`experts[e](x)`, `len(experts)`, iteration), each expert call
+    being one grouped matmul group on the quantized weights; the fused `forward(hidden, top_k_index,
+    top_k_weights)` is also available for blocks that can use it.
+    """
+
+    def __getitem__(self, index: int) -> _ExpertView:
+        if not -self.num_experts <= index < self.num_experts:
+            raise IndexError(f"expert {index} out of range (E={self.num_experts})")
+        return _ExpertView(self, index % self.num_experts)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __iter__(self):
+        return (self[e] for e in range(self.num_experts))
+
+
 def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optional[str]) -> dict[str, GMMProjection]:
-    """Projections that run the module's own float parameters through grouped_matmul (original column order)."""
+    """Projections that run the module's float weights through grouped_matmul (original column order;
+    views of fused parameters, a stacked copy for a ModuleList)."""
     out = {}
     for proj in info.projections:
-        param = getattr(source, proj)
-        weight = param if info.is_transposed else param.transpose(-1, -2)
-        bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
+        if info.linear_names:
+            weight, bias = module_list_weight(source, info, proj).detach(), expert_bias(source, info, proj)
+        else:
+            param = getattr(source, proj)
+            weight = param if info.is_transposed else param.transpose(-1, -2)
+            bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
         out[proj] = GMMProjection.from_float(weight, bias, backend)
     return out
 
 
-__all__ = ["GMMExperts", "GMMProjection", "float_projections", "deinterleave"]
+__all__ = ["GMMExpertList", "GMMExperts", "GMMProjection", "float_projections"]

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..pack import QuantizedWeight, QuantScheme, get_scheme, quantize_weight
-from ..pack.layouts import ExpertsModuleInfo, canonical, canonical_bias, find_experts_modules
-from .experts import GMMExperts, GMMProjection, float_projections
+from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, find_experts_modules
+from .experts import GMMExpertList, GMMExperts, GMMProjection, float_projections
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,10 @@ def quantized_projections(source: nn.Module, info: ExpertsModuleInfo, scheme: Qu
                           backend: Optional[str]) -> dict[str, GMMProjection]:
     """Round-to-nearest quantize a module's float experts into GMM projections (canonical column order)."""
     out = {}
-    for proj in info.projections:
-        weight = canonical(getattr(source, proj).detach(), info, proj)
-        bias = None
-        if info.has_bias:
-            bias = canonical_bias(getattr(source, f"{proj}_bias").detach(), info, proj)
-        out[proj] = GMMProjection.from_quantized(quantize_weight(weight, scheme, act_dtype), act_dtype, bias, backend)
+    with torch.no_grad():
+        for proj in info.projections:
+            weight, bias = expert_weight(source, info, proj), expert_bias(source, info, proj)
+            out[proj] = GMMProjection.from_quantized(quantize_weight(weight, scheme, act_dtype), act_dtype, bias, backend)
     return out
 
 
@@ -99,7 +97,7 @@ def replace_experts(
     """
     modules = find_experts_modules(model)
     if not modules:
-        raise NoExpertsError(f"{type(model).__name__} has no fused MoE experts modules (a 3-D down_proj with gate_up_proj/up_proj); nothing to replace")
+        raise NoExpertsError(f"{type(model).__name__} has no MoE experts modules (a fused module with a 3-D down_proj, or an nn.ModuleList of gate/up/down MLPs); nothing to replace")
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     report = ReplaceReport(scheme=scheme)
     act = _act_dtype(model, act_dtype)
@@ -114,9 +112,10 @@ def replace_experts(
         else:
             projections = float_projections(source, info, backend)
             canonical_order = False
-        gmm = GMMExperts(source, info, projections, canonical_order)
-        report.bytes_before += sum(getattr(source, p).numel() * getattr(source, p).element_size() for p in info.projections)
-        if canonical_order:
+        cls = GMMExpertList if info.linear_names else GMMExperts
+        gmm = cls(source, info, projections, canonical_order)
+        report.bytes_before += sum(p.numel() * p.element_size() for p in source.parameters(recurse=True))
+        if canonical_order and not info.linear_names:  # a replaced ModuleList is dropped whole
             _strip(source, info)
         model.set_submodule(path, gmm)
         if prepare and canonical_order and _runs_on_cpu(gmm, backend):
