@@ -12,29 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from gmmquant.kernels import grouped_matmul, pack_int4
+from timing import interleaved_medians
 
 SHAPES = {"small": (64, 1024, 1024), "qwen3": (128, 2048, 1536)}  # (E, K, N); qwen3 = Qwen3-30B-A3B gate_up
-
-
-def interleaved_medians(fns: dict, reps: int, budget_s: float = 20.0) -> dict[str, float]:
-    """Median ms of each fn(i), i = 0..reps-1, timing the variants round-robin so that the noise of this
-    shared VM (CPU steal comes and goes) hits every variant alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    deadline = time.perf_counter() + budget_s
-    for i in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(i)
-            times[name].append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() > deadline and i >= 2:
-            break
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_layer(experts: int, k: int, n: int, seed: int = 0):

@@ -20,27 +20,10 @@ import torch
 import transformers
 
 from gmmquant import replace_experts
+from timing import interleaved_medians
 
 VARIANTS = [("hf bf16 grouped_mm", None), ("gmmquant float", "float"), ("W8A16", "w8a16"),
             ("W4A16-g128", "w4a16-g128"), ("W8A8-dynamic", "w8a8-dynamic")]
-
-
-def interleaved_medians(models: dict, inputs: list, budget_s: float) -> dict[str, float]:
-    """Median ms per call of each model, timed round-robin over the same inputs (the VM's CPU steal comes
-    and goes; interleaving spreads it over every variant)."""
-    with torch.no_grad():
-        for model in models.values():
-            model(inputs[0])  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in models}
-        deadline = time.perf_counter() + budget_s
-        for i, x in enumerate(inputs):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
-            if time.perf_counter() > deadline and i >= 2:
-                break
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build_block(seed: int = 0) -> torch.nn.Module:
@@ -79,7 +62,11 @@ def bench_block(tokens: list[int], reps: int) -> None:
         g = torch.Generator().manual_seed(t)
         inputs = [torch.randn(1, t, 2048, generator=g).to(torch.bfloat16) for _ in range(reps)]
         budget = 150.0 if t >= 1024 else 30.0
-        times = interleaved_medians({name: model for name, (model, _) in models.items()}, inputs, budget)
+        with torch.no_grad():
+            for model, _ in models.values():
+                model(inputs[0])  # warm-up
+            fns = {name: (lambda i, m=model: m(inputs[i])) for name, (model, _) in models.items()}
+            times = interleaved_medians(fns, len(inputs), budget)
         rows.append((t, times))
         print(f"  block, {t} tokens: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in times.items()), flush=True)
     base = VARIANTS[0][0]
