@@ -298,3 +298,34 @@ def test_module_list_experts(names):
     assert 0 < err < 2e-2
     # both run the experts with bf16 activations; they differ only in where the routing weights are applied
     assert float((fused - out).abs().max()) <= 1e-2 * float(out.abs().max())
+
+
+def test_save_and_load_errors(tmp_path):
+    import json
+
+    from gmmquant.pack.format import FormatError
+
+    model = build("qwen3_moe")
+    with pytest.raises(ValueError, match="no GMM experts modules: call replace_experts"):
+        save_model(model, tmp_path / "a")
+    float_model = copy.deepcopy(model)
+    replace_experts(float_model)
+    with pytest.raises(ValueError, match="runs float weights"):
+        save_model(float_model, tmp_path / "b")
+    quantized = copy.deepcopy(model)
+    replace_experts(quantized, "w8a16")
+    save_model(quantized, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    modules = config["quantization_config"]["modules"]
+    modules["model.layers.7.mlp.experts"] = modules.pop("model.layers.1.mlp.experts")
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="missing tensor model.layers.7.mlp.experts.down_proj.qweight"):
+        load_model(tmp_path / "c")
+    from safetensors.torch import load_file, save_file
+
+    shard = tmp_path / "c" / "model.safetensors"
+    tensors = {k.replace("layers.1.mlp.experts", "layers.7.mlp.experts"): v for k, v in load_file(shard).items()}
+    save_file(tensors, str(shard))
+    with pytest.raises(FormatError, match=r"quantized modules \['model.layers.7.mlp.experts'\] do not exist"):
+        load_model(tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..pack.format import QUANT_METHOD, parse_quantization_config
 from ..pack.layouts import experts_module_info
 from .experts import GMMExperts, GMMProjection, float_projections
+from .replace import runs_on_cpu
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -59,6 +60,11 @@ class GMMHfQuantizer(HfQuantizer):
                     if getattr(source, name, None) is not None:
                         setattr(source, name, None)
             model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        for module in model.modules():
+            if isinstance(module, GMMExperts) and runs_on_cpu(module, None):
+                module.prepare()  # load-time repacking for the CPU kernels
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return False

@@ -37,7 +37,7 @@ def _act_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtyp
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def _runs_on_cpu(module: nn.Module, backend: Optional[str]) -> bool:
+def runs_on_cpu(module: nn.Module, backend: Optional[str]) -> bool:
     from ..kernels.grouped_matmul import select_backend
 
     buffer = next(module.buffers(), None)
@@ -118,7 +118,7 @@ def replace_experts(
         if canonical_order and not info.linear_names:  # a replaced ModuleList is dropped whole
             _strip(source, info)
         model.set_submodule(path, gmm)
-        if prepare and canonical_order and _runs_on_cpu(gmm, backend):
+        if prepare and canonical_order and runs_on_cpu(gmm, backend):
             gmm.prepare()
         report.bytes_after += gmm.nbytes()
         report.modules.append(path)
