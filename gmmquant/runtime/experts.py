@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.format import ExpertsSpec
-from ..pack.layouts import ExpertsModuleInfo, deinterleave, expert_bias, module_list_weight
+from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
 
