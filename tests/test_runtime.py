@@ -329,3 +329,19 @@ def test_save_and_load_errors(tmp_path):
     with pytest.raises(FormatError, match=r"quantized modules \['model.layers.7.mlp.experts'\] do not exist"):
         load_model(tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cpu_int8_runtime_keeps_one_copy_of_the_weights():
+    from gmmquant.kernels.backends import cpu
+
+    model = build("qwen3_moe")
+    ids = torch.randint(0, 96, (2, 6))
+    cpu.clear_cache()
+    replace_experts(model, "w8a16")
+    out = logits(model, ids)
+    assert not [k for k in cpu._cache if k[2] == "int8_nk"], "int8 weights were copied instead of viewed"
+    qweight = model.model.layers[0].mlp.experts.gate_up_proj.qweight
+    assert qweight.shape == (4, 64, 64) and qweight.stride() == (64 * 64, 1, 64)  # [E, K, N] view of [E, N, K]
+    unprepared = build("qwen3_moe")
+    replace_experts(unprepared, "w8a16", prepare=False)
+    torch.testing.assert_close(logits(unprepared, ids), out, rtol=0, atol=0)

@@ -104,8 +104,11 @@ class GMMProjection(nn.Module):
                               output_dtype=self.act_dtype, **common)[0]
 
     def prepare(self) -> None:
-        """Run one row through every expert so that backends with load-time repacking (the cpu backend's
-        per-expert int8 / int4 layouts) do it now rather than on the first tokens routed to each expert."""
+        """Load-time work for the cpu backend: int8 weights move to `[E, N, K]` storage (still an `[E, K, N]`
+        view, the layout its int8 kernel reads without a copy); then one row through every expert makes
+        the backend build its other per-expert layouts (int4) now rather than on the first routed tokens."""
+        if self.qweight is not None and self.qweight.dtype == torch.int8 and self.qweight.stride(-1) == 1:
+            self.qweight = self.qweight.transpose(1, 2).contiguous().transpose(1, 2)
         e = (self.weight if self.scheme is None else self.qweight).shape[0]
         k = (self.weight if self.scheme is None else self.qweight).shape[1]
         device = (self.weight if self.scheme is None else self.qweight).device

@@ -2,8 +2,9 @@
 
 - float, single x and 3-D weight in expert order: `F.grouped_mm` (one call for all experts);
   other float calls: one `torch.mm` per non-empty group.
-- weight-only int8, per-channel: `aten._weight_int8pack_mm` on an `[N, K]` copy of each expert, plus a
-  rank-1 correction `rowsum(x) * (offset * scale)` for an asymmetric offset.
+- weight-only int8, per-channel: `aten._weight_int8pack_mm` on each expert's `[N, K]` matrix (free when the
+  weight is the transposed view of `[E, N, K]` storage, else a cached copy), plus a rank-1 correction
+  `rowsum(x) * (offset * scale)` for an asymmetric offset.
 - weight-only int4: `aten._weight_int4pack_mm_for_cpu` on the CPU's int4 layout; per-channel scales are
   expanded to the largest supported group size (32-256) that divides K.
 - int8 x int8 with a scale: `aten._weight_int8pack_mm` on `x_q * per_token_scale` (float32), which equals
@@ -66,12 +67,24 @@ def _float_group(op: Operands, out_dtype: torch.dtype) -> Tensor:
     return y
 
 
+def _int8_nk(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
+    """Expert g's int8 weight as the `[N, K]` contiguous matrix the int8pack kernel takes.
+
+    A weight passed as the transposed view of `[E, N, K]` storage (legal for the kernel, and what
+    GMMProjection.prepare() makes of int8 weights) already is one: no copy. Otherwise a cached copy.
+    """
+    w_nk = op.weight.t()
+    if w_nk.is_contiguous():
+        return w_nk
+    owner = plan.weights[g.w_index]
+    return cached_repack(owner, g.expert, "int8_nk", (owner,), lambda: w_nk.contiguous())
+
+
 def _int8_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
     k = op.weight.shape[0]
     if k % 8:  # the int8pack kernel needs K to be a multiple of 8
         return reference.compute_group(plan, op)
-    owner = plan.weights[g.w_index]
-    w_nk = cached_repack(owner, g.expert, "int8_nk", (owner,), lambda: op.weight.t().contiguous())
+    w_nk = _int8_nk(plan, g, op)
     scale = op.antiquant_scale
     y = torch.ops.aten._weight_int8pack_mm(op.x, w_nk, scale)
     if op.antiquant_offset is None and op.bias is None:
@@ -133,8 +146,7 @@ def _int8_full_quant(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
         return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
     # (x_q @ w) * scale * per_token_scale == (x_q * per_token_scale) @ (w * scale): the int8 weight-only
     # kernel computes the right-hand side in float32 and is ~15x faster than torch._int_mm on CPU.
-    owner = plan.weights[g.w_index]
-    w_nk = cached_repack(owner, g.expert, "int8_nk", (owner,), lambda: op.weight.t().contiguous())
+    w_nk = _int8_nk(plan, g, op)
     if op.scale.dtype == torch.int64:
         scale, offset = decode_quant_param(op.scale)
     else:
