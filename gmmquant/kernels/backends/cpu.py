@@ -22,7 +22,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..activations import apply_activation
 from ..int4 import unpack_int4
 from ..plan import GMMPlan, Group, Mode, Operands
 from ..quant_ops import decode_quant_param
@@ -164,12 +163,7 @@ def _int8_full_quant(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x, w_nk, scale.contiguous())
     if op.bias is not None and op.bias.dtype == torch.int32:  # (acc + b) * s * pts
         y = y + op.bias.float() * scale * (1.0 if row_scale is None else row_scale)
-    if offset is not None:
-        y = y + offset
-    if op.bias is not None and op.bias.dtype != torch.int32:
-        y = y + op.bias.float()
-    y = apply_activation(y, plan.act_type)
-    return reference.finish_int8_output(y) if plan.out_dtype == torch.int8 else y.to(plan.out_dtype)
+    return reference.finish_quant(y, offset, op, plan.act_type, plan.out_dtype)
 
 
 def compute_group(plan: GMMPlan, g: Group) -> Tensor:

@@ -46,6 +46,11 @@ def quant_epilogue(acc: Tensor, op: Operands, mode: Mode, act_type: int, out_dty
     y = y * scale
     if op.per_token_scale is not None:
         y = y * op.per_token_scale.float().unsqueeze(-1)
+    return finish_quant(y, offset, op, act_type, out_dtype)
+
+
+def finish_quant(y: Tensor, offset: Optional[Tensor], op: Operands, act_type: int, out_dtype: torch.dtype) -> Tensor:
+    """The end of every full-quant formula, after scaling: + offset, + float bias, activation, cast."""
     if offset is not None:
         y = y + offset
     fb = _float_bias(op.bias)
