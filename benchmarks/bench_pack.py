@@ -4,7 +4,8 @@ Usage: python benchmarks/bench_pack.py [--layers 4] [--experts 64] [--hidden 102
 
 Builds a Qwen3-MoE checkpoint of the given shape on disk (bf16, sharded), then runs, each in a fresh
 subprocess whose memory is sampled from /proc: (1) `AutoModelForCausalLM.from_pretrained` of the bf16 model,
-the baseline any in-memory quantizer starts from; (2) `gmmquant pack --scheme w4a16-g128`. Prints peak RSS
+the baseline any in-memory quantizer starts from; (2) `gmmquant pack --scheme w4a16-g128`; (3)
+`gmmquant.load_model` of the packed checkpoint (the CPU runtime, with its load-time int4 repack). Prints peak RSS
 (which includes the pages of memory-mapped safetensors files), peak anonymous memory, and wall time.
 """
 
@@ -21,6 +22,12 @@ LOAD = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
 AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+"""
+
+LOAD_QUANTIZED = r"""
+import sys, gmmquant
+model = gmmquant.load_model(sys.argv[1])
+assert not [n for n, p in model.named_parameters() if "experts" in n]
 """
 
 BUILD = r"""
@@ -75,7 +82,8 @@ def main() -> None:
         print(f"built {src} in {time.perf_counter() - t0:.0f} s: {dir_size(src) / 2**20:.0f} MiB on disk")
         load = run_measured([sys.executable, "-c", LOAD, str(src)])
         pack = run_measured([sys.executable, "-m", "gmmquant.cli", "pack", str(src), "-o", str(out), "--scheme", "w4a16-g128"])
-        assert load["rc"] == 0 and pack["rc"] == 0, (load["stderr"], pack["stderr"])
+        loadq = run_measured([sys.executable, "-c", LOAD_QUANTIZED, str(out)])
+        assert load["rc"] == 0 and pack["rc"] == 0 and loadq["rc"] == 0, (load["stderr"], pack["stderr"], loadq["stderr"])
         expert_bytes = args.layers * args.experts * 3 * args.hidden * args.intermediate * 2
         one_projection_q = args.experts * args.hidden * 2 * args.intermediate // 2
         print()
@@ -84,7 +92,9 @@ def main() -> None:
               f"{dir_size(out) / 2**20:.0f} MiB packed (largest quantized projection {one_projection_q / 2**20:.0f} MiB)")
         print("| job | peak RSS MiB | peak anonymous MiB | wall s |")
         print("|---|---:|---:|---:|")
-        for name, r in (("transformers from_pretrained (bf16)", load), ("gmmquant pack w4a16-g128 (stream)", pack)):
+        jobs = (("transformers from_pretrained (bf16)", load), ("gmmquant pack w4a16-g128 (stream)", pack),
+                ("gmmquant load_model of the packed checkpoint", loadq))
+        for name, r in jobs:
             print(f"| {name} | {r['rss_mib']:.0f} | {r['anon_mib']:.0f} | {r['seconds']:.1f} |")
 
 

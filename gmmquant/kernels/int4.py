@@ -13,7 +13,7 @@ from torch import Tensor
 from .errors import GMMContractError
 
 INT4_MIN, INT4_MAX = -8, 7
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of value j within its word
+INT4_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of value j within its word
 
 
 def pack_int4(values: Tensor) -> Tensor:
@@ -38,7 +38,7 @@ def pack_int4(values: Tensor) -> Tensor:
     # Shift in int64 so that a top nibble >= 8 does not overflow; the shifted nibbles occupy disjoint bits,
     # so their sum is their bitwise OR. The word is then wrapped into int32's range.
     nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, 8)
-    words = (nibbles << _SHIFTS.to(device=values.device, dtype=torch.int64)).sum(dim=-1)
+    words = (nibbles << INT4_SHIFTS.to(device=values.device, dtype=torch.int64)).sum(dim=-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -53,6 +53,6 @@ def unpack_int4(packed: Tensor) -> Tensor:
     """
     if packed.dtype != torch.int32:
         raise GMMContractError("int4.dtype", f"unpack_int4 takes int32 words, got {packed.dtype}")
-    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
+    nibbles = (packed.unsqueeze(-1) >> INT4_SHIFTS.to(packed.device)) & 0xF
     signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
     return signed.to(torch.int8).reshape(*packed.shape[:-1], packed.shape[-1] * 8)

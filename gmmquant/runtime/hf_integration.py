@@ -21,7 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..pack.format import QUANT_METHOD, parse_quantization_config
 from ..pack.layouts import experts_module_info
 from .experts import GMMExperts, GMMProjection, float_projections
-from .replace import runs_on_cpu
+from .replace import runs_on_cpu, trim_heap
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -65,6 +65,7 @@ class GMMHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, GMMExperts) and runs_on_cpu(module, None):
                 module.prepare()  # load-time repacking for the CPU kernels
+                trim_heap()
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return False

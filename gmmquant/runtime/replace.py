@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,6 +45,16 @@ def runs_on_cpu(module: nn.Module, backend: Optional[str]) -> bool:
     if buffer is None or buffer.device.type == "meta":
         return False
     return select_backend([buffer], backend) == "cpu"
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS. Repacking thousands of experts leaves hundreds of MiB of
+    freed temporaries in glibc's arenas (measured: 1039 -> 495 MiB resident on a 4-layer, 64-expert model);
+    a no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _strip(source: nn.Module, info: ExpertsModuleInfo) -> int:
@@ -120,6 +131,7 @@ def replace_experts(
         model.set_submodule(path, gmm)
         if prepare and canonical_order and runs_on_cpu(gmm, backend):
             gmm.prepare()
+            trim_heap()  # per module, so the repack temporaries never pile up
         report.bytes_after += gmm.nbytes()
         report.modules.append(path)
     logger.info("replaced %d experts modules (%s)", len(report.modules), scheme.name if scheme else "float")

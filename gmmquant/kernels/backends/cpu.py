@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..int4 import unpack_int4
+from ..int4 import INT4_SHIFTS
 from ..plan import GMMPlan, Group, Mode, Operands
 from ..quant_ops import decode_quant_param
 from . import reference
@@ -118,8 +118,11 @@ def _int4_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
     x_dtype = op.x.dtype
 
     def pack() -> Tensor:
-        unsigned = (unpack_int4(op.weight).to(torch.int32) + 8).t().contiguous()  # [N, K] in 0..15
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+        # The CPU kernel takes unsigned nibbles u = q + 8 as int32 [N, K]; for a two's-complement nibble that
+        # is nibble ^ 8. Done in place to keep the per-expert temporaries to two (a model repacks thousands).
+        u = op.weight.unsqueeze(-1) >> INT4_SHIFTS
+        u.bitwise_and_(0xF).bitwise_xor_(8)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.reshape(k, n).t().contiguous(), 1)
 
     def scale_and_zeros() -> Tensor:
         s = scale.float() if per_group else scale.float().unsqueeze(0)
