@@ -160,6 +160,11 @@ def test_empty_experts_and_expert_parallel_sentinels():
     x = torch.randn(5, 64)
     idx = torch.tensor([[0, 2], [2, 4], [0, 4], [4, 4], [2, 0]])  # experts 1 and 3 empty; 4 = sentinel (E=4)
     w = torch.rand(5, 2)
+    from gmmquant.kernels import GMMContractError
+
+    with pytest.raises(GMMContractError, match="group_list has 5 entries but there are 4 weight groups"):
+        gmm(x, idx, w)  # not expert-parallel: an id >= E is a routing bug, not a sentinel
+    gmm.expert_parallel = True
     with torch.no_grad():
         out = gmm(x, idx, w)
         ref = experts_reference(source, x, idx, w)

@@ -4,7 +4,8 @@
 replaces (the MoE block's router stays the model's own). It sorts the token-expert pairs by expert, runs
 gate_up and down as grouped matmuls over per-expert row counts (`group_list_type=1`, `group_type=0`,
 `split_item=2`, as vllm-ascend does on NPU), applies the model's own gate / activation in between, and
-scatters the rows back weighted by the routing weights. Expert-parallel sentinel ids (>= E) contribute 0.
+scatters the rows back weighted by the routing weights. In expert-parallel modules, sentinel ids (>= E)
+contribute 0; elsewhere an id >= E is an error.
 
 Each projection is a `GMMProjection` submodule whose buffers carry the checkpoint names of docs/FORMAT.md
 (`<path>.gate_up_proj.qweight`, `.antiquant_scale`, ...), so `state_dict()` is the checkpoint.
@@ -141,6 +142,8 @@ class GMMExperts(nn.Module):
         # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved
         # gets them re-interleaved (a gather on the [S, 2I] intermediate, not on weights).
         self._reinterleave = canonical_order and self.has_gate and not info.is_concatenated
+        # transformers marks modules it shards across ranks; sentinel ids then appear (see forward).
+        self.expert_parallel = bool(getattr(source, "_is_expert_parallel", False))
         norm = getattr(source, "post_expert_norm", None) if getattr(source, "has_post_expert_norm", False) else None
         self.post_expert_norm = norm
 
@@ -156,9 +159,12 @@ class GMMExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         ids = top_k_index.reshape(-1)
         ids_sorted, perm = torch.sort(ids, stable=True)
-        valid = int((ids_sorted < self.num_experts).sum())  # expert-parallel sentinels sort to the tail
-        perm = perm[:valid]
-        counts = torch.bincount(ids_sorted[:valid], minlength=self.num_experts)
+        if self.expert_parallel:
+            # Ids >= E (experts of other ranks) sort to the tail and must not reach the kernel. Counting them
+            # is the one host sync of the forward, so only expert-parallel modules pay for it.
+            valid = int((ids_sorted < self.num_experts).sum())
+            perm, ids_sorted = perm[:valid], ids_sorted[:valid]
+        counts = torch.bincount(ids_sorted, minlength=self.num_experts)
         x = hidden_states[perm // top_k]
         first = self.gate_up_proj if self.has_gate else self.up_proj
         h = self._gate(first(x, counts))
