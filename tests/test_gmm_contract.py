@@ -101,6 +101,8 @@ CASES = [
     ("group_list.max_groups", dict(x=xs(m=0, k=2), weight=[torch.randn(1025, 2, 2).to(bf16)], group_list=torch.zeros(1025, dtype=torch.int64),
                                    group_list_type=1, group_type=0, split_item=2)),
     # devices, dtypes
+    ("device.same", moe(weight=[torch.randn(E, K, N).to(bf16).to("meta")])),
+    ("device.same", w4_call(antiquant_scale=[torch.rand(E, 2, N).to(bf16).to("meta")])),
     ("x.same_dtype", dict(x=[torch.randn(2, K).to(bf16), torch.randn(2, K)], weight=[torch.randn(K, N).to(bf16)] * 2, group_type=-1)),
     ("dtype.table", moe(weight=w3(dtype=torch.float16))),
     ("dtype.table", moe(x=xs(dtype=torch.int8))),

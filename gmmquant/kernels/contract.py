@@ -157,9 +157,10 @@ def check_grouped_matmul(
             _fail("act_type.range", f"act_type must be one of {sorted(ACT_TYPES)} ({ACT_TYPES}), got {act_type!r}")
 
     device = xs[0].device
-    for name, tensors in (("x", xs), ("weight", ws)):
-        for i, t in enumerate(tensors):
-            if t.device != device:
+    for name, tensors in (("x", xs), ("weight", ws), ("bias", bias), ("scale", scale), ("antiquant_scale", antiquant_scale),
+                          ("antiquant_offset", antiquant_offset), ("per_token_scale", per_token_scale)):
+        for i, t in enumerate(tensors if isinstance(tensors, (list, tuple)) else []):
+            if isinstance(t, Tensor) and t.device != device:
                 _fail("device.same", f"{name}[{i}] is on {t.device} but x[0] is on {device}")
 
     scenario = _scenario(xs, ws, api, group_type, single_output, group_list)
