@@ -77,6 +77,14 @@ def test_ignore_keeps_a_module_in_float(hf_model_dir, tmp_path):
     assert list(ck.specs) == ["model.layers.1.mlp.experts"]
     assert ck.ignore == ["model.layers.0.*"]
     assert any(n.startswith("model.layers.0.") and "expert" in n and not n.endswith(("qweight", "scale")) for n in ck.weight_map)
+    # the ignored module loads in float, through transformers' own conversions of the on-disk layout
+    import gmmquant
+
+    loaded = gmmquant.load_model(tmp_path / "out")
+    assert not isinstance(loaded.model.layers[0].mlp.experts, gmmquant.GMMExperts)
+    assert isinstance(loaded.model.layers[1].mlp.experts, gmmquant.GMMExperts)
+    for name, p in model.model.layers[0].mlp.experts.named_parameters():
+        assert torch.equal(getattr(loaded.model.layers[0].mlp.experts, name), p), name
 
 
 def test_cli_pack_and_inspect(hf_model_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..pack.format import QUANT_METHOD, parse_quantization_config
+from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
 from ..pack.layouts import experts_module_info
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, trim_heap
@@ -49,11 +49,15 @@ class GMMHfQuantizer(HfQuantizer):
     requires_calibration = True  # loads gmmquant checkpoints; quantizing is `gmmquant pack` / `calibrate`
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        names = {name for name, _ in model.named_modules()}
+        missing = sorted(p for p in self.quantization_config.specs if p not in names)
+        if missing:
+            raise FormatError(f"quantized modules {missing} do not exist in {type(model).__name__}")
         for prefix, spec in self.quantization_config.specs.items():
             source = model.get_submodule(prefix)
             info = experts_module_info(prefix, source)
             if info is None:
-                raise ValueError(f"{prefix} is not a fused experts module of {type(model).__name__}")
+                raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
             for proj in info.projections:
                 for name in (proj, f"{proj}_bias"):

@@ -1,9 +1,8 @@
 """Save a replaced (quantized) model as a gmmquant checkpoint, and load one for inference.
 
-`load_model` builds the model skeleton with accelerate's `init_empty_weights` (parameters on the meta
-device, buffers such as rotary tables real), puts the checkpoint's quantized expert tensors straight into
-GMM experts modules, and assigns the other tensors: the float experts are never materialised, so peak
-memory is close to the quantized size.
+`load_model` validates the checkpoint, then loads it through transformers with gmmquant's quantizer
+(hf_integration.py): the float experts are never materialised, so peak memory is close to the quantized
+size.
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ import torch
 from torch import nn
 
 from ..pack.checkpoint import SaveReport, load_quantized, save_quantized
-from ..pack.format import ExpertsSpec, FormatError
-from ..pack.layouts import disk_naming
-from .experts import GMMExperts
-from .replace import replace_experts
+from ..pack.format import ExpertsSpec
+from .experts import GMMExperts, GMMProjection
 
 
 def _experts_specs(model: nn.Module) -> tuple[dict[str, ExpertsSpec], torch.dtype]:
@@ -55,51 +52,33 @@ def save_model(model: nn.Module, out_dir: "str | os.PathLike", *, source_dir: "O
 
 
 def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu", backend: Optional[str] = None,
-               dtype: Optional[torch.dtype] = None, **config_kwargs: Any) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, **kwargs: Any) -> nn.Module:
     """Load a gmmquant checkpoint as a transformers model whose experts run on grouped-matmul kernels.
+
+    The checkpoint is validated first (FormatError lists every problem), then loaded with
+    `AutoModelForCausalLM.from_pretrained` through gmmquant's quantizer: the model is built on the meta
+    device, quantized experts modules become empty GMM modules that the checkpoint's tensors fill directly,
+    and everything else, including experts left in float, goes through transformers' own loading and
+    checkpoint conversions.
 
     Args:
         path: checkpoint directory (from `gmmquant pack`, `save_model` or `gmmquant calibrate`).
         device: where to put the model.
         backend: grouped_matmul backend for the experts (default: by device).
         dtype: dtype of the non-expert weights (default: as stored).
+        **kwargs: passed to `from_pretrained`.
 
     Returns:
         The model in eval mode; `generate()` works as usual.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    ck = load_quantized(path)
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
-    quantized = {prefix: ck.projections(prefix, device) for prefix in ck.specs}
-    missing_modules = sorted(set(quantized) - {p for p, _ in model.named_modules()})
-    if missing_modules:
-        raise FormatError(f"{path}: quantized modules {missing_modules} do not exist in {type(model).__name__}")
-    replace_experts(model, backend=backend, act_dtype=ck.act_dtype, quantized=quantized)
-    for prefix, spec in ck.specs.items():  # biases, static input scales, smooth scales
-        experts = model.get_submodule(prefix)
-        for proj in spec.projections:
-            for name in ("bias", "input_scale", "smooth_scale"):
-                full = f"{prefix}.{proj}.{name}"
-                if full in ck.weight_map:
-                    getattr(experts, proj).register_buffer(name, ck.tensor(full, device))
-
-    naming = disk_naming(config.model_type)
-    expert_names = {n for spec in ck.specs.values() for n in spec.expected_tensors()}
-    state = {}
-    for name, tensor in ck.iter_tensors(device):
-        if name not in expert_names:
-            state[naming.rename(name)] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise FormatError(f"{path}: tensors {sorted(result.unexpected_keys)[:10]} do not belong to {type(model).__name__}")
-    model.tie_weights()
-    still_meta = sorted(n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta")
-    if still_meta:
-        raise FormatError(f"{path}: no tensor for {still_meta[:10]}{' ...' if len(still_meta) > 10 else ''}")
+    load_quantized(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
+    if backend is not None:
+        for module in model.modules():
+            if isinstance(module, GMMProjection):
+                module.backend = backend
     return model.to(device).eval()
 
 
