@@ -350,3 +350,19 @@ def test_cpu_int8_runtime_keeps_one_copy_of_the_weights():
     unprepared = build("qwen3_moe")
     replace_experts(unprepared, "w8a16", prepare=False)
     torch.testing.assert_close(logits(unprepared, ids), out, rtol=0, atol=0)
+
+
+def test_replace_experts_with_checkpoint_tensors(tmp_path):
+    """replace_experts(quantized=...) runs a checkpoint's own tensors, not a fresh RTN of the float weights."""
+    from gmmquant.pack.checkpoint import load_quantized
+
+    model = build("qwen3_moe")
+    quantized = copy.deepcopy(model)
+    replace_experts(quantized, "w4a16-g32")
+    save_model(quantized, tmp_path / "ckpt")
+    ck = load_quantized(tmp_path / "ckpt")
+    target = copy.deepcopy(model)
+    report = replace_experts(target, quantized={p: ck.projections(p) for p in ck.specs}, act_dtype=ck.act_dtype)
+    assert sorted(report.modules) == sorted(ck.specs)
+    ids = torch.randint(0, 96, (2, 6))
+    torch.testing.assert_close(logits(target, ids), logits(quantized, ids), rtol=0, atol=0)

@@ -253,10 +253,6 @@ def _resolve_dtypes(
     """Find the dtype row of the spec's tables this call matches; return (mode, y dtype, weight bits)."""
     xd = xs[0].dtype
     wd = ws[0].dtype
-    for name, ts in (("x", xs), ("weight", ws)):
-        for i, t in enumerate(ts):
-            if t.dtype != ts[0].dtype:
-                _fail(f"{name}.same_dtype", f"all {name} tensors must share a dtype: {name}[0] is {_dtype_name(ts[0])}, {name}[{i}] is {_dtype_name(t)}")
     bias_l = _tensor_list("bias", bias, required=False)
     scale_l = _tensor_list("scale", scale, required=False)
     aqs_l = _tensor_list("antiquant_scale", antiquant_scale, required=False)
@@ -271,6 +267,8 @@ def _resolve_dtypes(
                 _fail(f"{name}.same_dtype", f"all {name} tensors must share a dtype: {name}[0] is {_dtype_name(ts[0])}, {name}[{i}] is {_dtype_name(t)}")
         return ts[0].dtype
 
+    same_dtype("x", xs)
+    same_dtype("weight", ws)
     bd, sd, aqsd, aqod, ptsd = (same_dtype(n, t) for n, t in (("bias", bias_l), ("scale", scale_l), ("antiquant_scale", aqs_l), ("antiquant_offset", aqo_l), ("per_token_scale", pts_l)))
 
     def none_for(mode_name: str, **params: Optional[torch.dtype]) -> None:

@@ -102,6 +102,13 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None, dt
     return antiquant_dequantize(q, scale, offset, dtype=dtype)
 
 
+def activation_dtype(model_dtype: Optional[torch.dtype], requested: Optional[torch.dtype] = None) -> torch.dtype:
+    """The kernel activation dtype for a model: `requested`, else the model's if bf16/fp16, else bf16."""
+    if requested is not None:
+        return requested
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def w8a8_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
     """Full-quant `scale` dtype the spec pairs with each activation dtype: bf16 -> bf16, fp16 -> fp32."""
     if act_dtype == torch.bfloat16:

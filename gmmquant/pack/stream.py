@@ -23,7 +23,7 @@ from safetensors import safe_open
 from .checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
 from .format import ExpertsSpec, FormatError, is_ignored
 from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
-from .primitives import QuantizedWeight, quantize_weight
+from .primitives import QuantizedWeight, activation_dtype, quantize_weight
 from .schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -120,13 +120,9 @@ class _ProjectionBuffer:
         return out
 
 
-def _act_dtype(config: Any, requested: Optional[torch.dtype]) -> torch.dtype:
-    if requested is not None:
-        return requested
+def _config_dtype(config: Any) -> Optional[torch.dtype]:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
 
 
 def stream_pack(
@@ -160,7 +156,7 @@ def stream_pack(
     if not (src / "config.json").is_file():
         raise FormatError(f"{src}: no config.json; pass a Hugging Face model directory")
     config = AutoConfig.from_pretrained(src)
-    act = _act_dtype(config, act_dtype)
+    act = activation_dtype(_config_dtype(config), act_dtype)
     modules = find_experts_modules(meta_model(config))
     if not modules:
         raise FormatError(f"{src}: model type {config.model_type!r} has no fused MoE experts modules in transformers; nothing to quantize")

@@ -21,7 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
 from ..pack.layouts import experts_module_info
 from .experts import GMMExperts, GMMProjection, float_projections
-from .replace import runs_on_cpu, trim_heap
+from .replace import runs_on_cpu, strip_float_experts, trim_heap
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -59,10 +59,7 @@ class GMMHfQuantizer(HfQuantizer):
             if info is None:
                 raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
-            for proj in info.projections:
-                for name in (proj, f"{proj}_bias"):
-                    if getattr(source, name, None) is not None:
-                        setattr(source, name, None)
+            strip_float_experts(source, info)
             model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:

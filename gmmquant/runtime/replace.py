@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..kernels.grouped_matmul import select_backend
 from ..pack import QuantizedWeight, QuantScheme, get_scheme, quantize_weight
+from ..pack.primitives import activation_dtype
 from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, find_experts_modules
 from .experts import GMMExpertList, GMMExperts, GMMProjection, float_projections
 
@@ -31,16 +33,7 @@ class ReplaceReport:
     bytes_after: int = 0
 
 
-def _act_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtype:
-    if requested is not None:
-        return requested
-    dtype = next(model.parameters()).dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
 def runs_on_cpu(module: nn.Module, backend: Optional[str]) -> bool:
-    from ..kernels.grouped_matmul import select_backend
-
     buffer = next(module.buffers(), None)
     if buffer is None or buffer.device.type == "meta":
         return False
@@ -57,16 +50,12 @@ def trim_heap() -> None:
         pass
 
 
-def _strip(source: nn.Module, info: ExpertsModuleInfo) -> int:
-    """Drop the float expert weights of a replaced module (its gate function stays usable); return bytes."""
-    freed = 0
+def strip_float_experts(source: nn.Module, info: ExpertsModuleInfo) -> None:
+    """Drop the float expert weights and biases of a replaced fused module (its gate function stays usable)."""
     for proj in info.projections:
         for name in (proj, f"{proj}_bias"):
-            t = getattr(source, name, None)
-            if isinstance(t, torch.Tensor):
-                freed += t.numel() * t.element_size()
+            if getattr(source, name, None) is not None:
                 setattr(source, name, None)
-    return freed
 
 
 def quantized_projections(source: nn.Module, info: ExpertsModuleInfo, scheme: QuantScheme, act_dtype: torch.dtype,
@@ -111,7 +100,7 @@ def replace_experts(
         raise NoExpertsError(f"{type(model).__name__} has no MoE experts modules (a fused module with a 3-D down_proj, or an nn.ModuleList of gate/up/down MLPs); nothing to replace")
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     report = ReplaceReport(scheme=scheme)
-    act = _act_dtype(model, act_dtype)
+    act = activation_dtype(next(model.parameters()).dtype, act_dtype)
     for path, info in modules.items():
         source = model.get_submodule(path)
         if quantized is not None and path in quantized:
@@ -127,7 +116,7 @@ def replace_experts(
         gmm = cls(source, info, projections, canonical_order)
         report.bytes_before += sum(p.numel() * p.element_size() for p in source.parameters(recurse=True))
         if canonical_order and not info.linear_names:  # a replaced ModuleList is dropped whole
-            _strip(source, info)
+            strip_float_experts(source, info)
         model.set_submodule(path, gmm)
         if prepare and canonical_order and runs_on_cpu(gmm, backend):
             gmm.prepare()
