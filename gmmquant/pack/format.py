@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..kernels import GMMContractError, check_grouped_matmul
+from .primitives import bias_dtype, w8a8_scale_dtype
 from .schemes import QuantScheme, SchemeError
 
 FORMAT_VERSION = 1
@@ -76,13 +77,13 @@ class ExpertsSpec:
                 if not s.symmetric:
                     out[f"{base}.antiquant_offset"] = (self.act_dtype, param_shape)
             else:
-                out[f"{base}.weight_scale"] = (torch.bfloat16 if self.act_dtype == torch.bfloat16 else torch.float32, (e, n))
+                out[f"{base}.weight_scale"] = (w8a8_scale_dtype(self.act_dtype), (e, n))
                 if s.activation == "static":
                     out[f"{base}.input_scale"] = (torch.float32, (e,))
             if "smooth_scale" in self.extra.get(proj, []):
                 out[f"{base}.smooth_scale"] = (self.act_dtype, (e, k))
             if self.has_bias:
-                out[f"{base}.bias"] = (torch.float32 if self.act_dtype == torch.bfloat16 else torch.float16, (e, n))
+                out[f"{base}.bias"] = (bias_dtype(self.act_dtype), (e, n))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -109,6 +109,11 @@ def activation_dtype(model_dtype: Optional[torch.dtype], requested: Optional[tor
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def bias_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """Expert bias dtype the kernel's tables pair with each activation dtype: bf16 -> fp32, fp16 -> fp16."""
+    return torch.float16 if act_dtype == torch.float16 else torch.float32
+
+
 def w8a8_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
     """Full-quant `scale` dtype the spec pairs with each activation dtype: bf16 -> bf16, fp16 -> fp32."""
     if act_dtype == torch.bfloat16:

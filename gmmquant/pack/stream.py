@@ -23,7 +23,7 @@ from safetensors import safe_open
 from .checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
 from .format import ExpertsSpec, FormatError, is_ignored
 from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
-from .primitives import QuantizedWeight, activation_dtype, quantize_weight
+from .primitives import QuantizedWeight, activation_dtype, bias_dtype, quantize_weight
 from .schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -193,16 +193,15 @@ def stream_pack(
                     elif renamed in bias_owner:
                         key = bias_owner[renamed]
                         bias = canonical_bias(f.get_tensor(name), targets[key[0]], key[1])
-                        buffers[key].bias = bias.to(torch.float32 if act == torch.bfloat16 else torch.float16)
+                        buffers[key].bias = bias.to(bias_dtype(act))
                     else:
                         t = f.get_tensor(name)
                         summary.passthrough_tensors += 1
                         summary.passthrough_bytes += t.numel() * t.element_size()
                         yield name, t
                         continue
-                    key_done = [k for k, b in buffers.items() if b.complete]
-                    for k in key_done:
-                        buffer = buffers.pop(k)
+                    if buffers[key].complete:  # only the projection just fed can have completed
+                        buffer = buffers.pop(key)
                         summary.projections.append(buffer.stats)
                         yield from buffer.tensors().items()
         if buffers:

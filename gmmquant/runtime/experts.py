@@ -20,15 +20,11 @@ from torch import Tensor, nn
 
 from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
+from ..pack.primitives import bias_dtype
 from ..pack.format import ExpertsSpec
 from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
-
-
-def _bias_dtype(act_dtype: torch.dtype) -> torch.dtype:
-    # The kernel's tables: bf16 activations take a float32 bias, fp16 a float16 one.
-    return torch.float16 if act_dtype == torch.float16 else torch.float32
 
 
 class GMMProjection(nn.Module):
@@ -52,7 +48,7 @@ class GMMProjection(nn.Module):
     def from_float(cls, weight_kn: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> "GMMProjection":
         proj = cls(None, weight_kn.dtype, backend)
         proj.weight = nn.Parameter(weight_kn, requires_grad=False)  # shares the model's storage
-        proj.register_buffer("bias", None if bias is None else bias.detach().to(_bias_dtype(weight_kn.dtype)), persistent=False)
+        proj.register_buffer("bias", None if bias is None else bias.detach().to(bias_dtype(weight_kn.dtype)), persistent=False)
         return proj
 
     @classmethod
@@ -65,7 +61,7 @@ class GMMProjection(nn.Module):
             proj.register_buffer("antiquant_offset", qw.offset)
         else:
             proj.register_buffer("weight_scale", qw.scale)
-        proj.register_buffer("bias", None if bias is None else bias.to(_bias_dtype(act_dtype)))
+        proj.register_buffer("bias", None if bias is None else bias.to(bias_dtype(act_dtype)))
         for name, t in extra.items():
             proj.register_buffer(name, t)
         return proj
