@@ -184,7 +184,7 @@ def check_grouped_matmul(
         xs, ws, api, group_list, group_type, group_list_type, x_single, w_single, single_output, n, read_group_list
     )
     if per_token_scale is not None:
-        _check_per_token_scale(per_token_scale, xs, x_single)
+        _check_per_token_scale(per_token_scale, xs)
 
     def as_list(v: Any) -> Optional[list[Tensor]]:
         return None if v is None else list(v)
@@ -547,7 +547,7 @@ def _plan_groups(
     return groups, shapes, sizes
 
 
-def _check_per_token_scale(per_token_scale: list[Tensor], xs: list[Tensor], x_single: bool) -> None:
+def _check_per_token_scale(per_token_scale: list[Tensor], xs: list[Tensor]) -> None:
     if len(per_token_scale) != len(xs):
         _fail("per_token_scale.len", f"per_token_scale has {len(per_token_scale)} tensors; it needs one per x tensor ({len(xs)})")
     for i, (p, t) in enumerate(zip(per_token_scale, xs)):
