@@ -1,0 +1,1 @@
+"""Calibration: calibration data, observers, RTN / GPTQ / SmoothQuant per expert, layer-by-layer driver."""
