@@ -123,6 +123,32 @@ def w8a8_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"W8A8 needs bfloat16 or float16 activations, got {act_dtype}")
 
 
+def stored_scale_dtype(scheme: QuantScheme, act_dtype: torch.dtype) -> torch.dtype:
+    """dtype a scheme's scale (and offset) is stored in: act_dtype (weight-only) or w8a8_scale_dtype (W8A8)."""
+    return act_dtype if scheme.weight_only else w8a8_scale_dtype(act_dtype)
+
+
+def stored_qparams(wmin: Tensor, wmax: Tensor, scheme: QuantScheme, act_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """Scale and zero point for a clip range, exactly as a checkpoint stores them.
+
+    The one rule shared by `quantize_weight`, the MSE observer and GPTQ, so that an error computed while
+    searching is the error of the stored tensors: the scale is rounded up to `stored_scale_dtype`, then the
+    asymmetric zero point is refit to that stored scale.
+
+    Args:
+        wmin, wmax: clip range, any (matching) shape, e.g. `[..., N]` or `[..., K/g, N]`.
+        scheme, act_dtype: decide bits, symmetry and the stored dtype.
+
+    Returns:
+        (scale in `stored_scale_dtype(scheme, act_dtype)`, int32 zero point or None if symmetric), wmin's shape.
+    """
+    scale, zero_point = choose_qparams(wmin, wmax, scheme.weight_bits, scheme.symmetric)
+    stored_scale = round_scale_up(scale, stored_scale_dtype(scheme, act_dtype))
+    if zero_point is not None:  # refit the zero point to the scale actually stored
+        zero_point = zero_point_for(wmin, stored_scale, scheme.weight_bits)
+    return stored_scale, zero_point
+
+
 @dataclass
 class QuantizedWeight:
     """One projection of one experts module, in the tensors its grouped_matmul call takes.
@@ -185,14 +211,10 @@ def quantize_weight(
         wmin = clip_min.float()
     if clip_max is not None:
         wmax = clip_max.float()
-    scale, zero_point = choose_qparams(wmin, wmax, scheme.weight_bits, scheme.symmetric)
-    stored_dtype = act_dtype if scheme.weight_only else w8a8_scale_dtype(act_dtype)
-    stored_scale = round_scale_up(scale, stored_dtype)
-    if zero_point is not None:  # refit the zero point to the scale actually stored
-        zero_point = zero_point_for(wmin, stored_scale, scheme.weight_bits)
+    stored_scale, zero_point = stored_qparams(wmin, wmax, scheme, act_dtype)
     q = quantize(w, stored_scale.float(), zero_point, scheme.weight_bits, scheme.group_size)
     qweight = pack_int4(q) if scheme.weight_bits == 4 else q
-    offset = None if zero_point is None else antiquant_offset(zero_point, stored_dtype)
+    offset = None if zero_point is None else antiquant_offset(zero_point, stored_scale.dtype)
     return QuantizedWeight(qweight=qweight, scale=stored_scale, offset=offset, scheme=scheme)
 
 
