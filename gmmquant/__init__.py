@@ -17,11 +17,20 @@ from .pack import PRESETS, QuantScheme, QuantizedWeight, SchemeError, get_scheme
 from .pack.checkpoint import QuantizedCheckpoint, load_quantized, save_quantized
 from .pack.format import FormatError
 from .pack.stream import stream_pack
+from .recipes import Recipe, RecipeError, load_recipe
 from .runtime import GMMExperts, NoExpertsError, load_model, replace_experts, save_model  # registers quant_method "gmmquant"
+from .calibrate.data import DatasetError
+from .calibrate.pipeline import CalibrationReport, calibrate_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationReport",
+    "DatasetError",
+    "Recipe",
+    "RecipeError",
+    "calibrate_model",
+    "load_recipe",
     "FormatError",
     "GMMExperts",
     "NoExpertsError",

@@ -91,6 +91,7 @@ def save_quantized(
     source_dir: "Optional[str | os.PathLike]" = None,
     max_shard_size: "int | str" = "2GB",
     overwrite: bool = False,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> SaveReport:
     """Write a gmmquant checkpoint atomically.
 
@@ -107,13 +108,13 @@ def save_quantized(
         source_dir: a model directory whose tokenizer and other non-weight files are copied.
         max_shard_size: upper bound of one safetensors file (`"2GB"`, bytes...).
         overwrite: replace an existing `out_dir` (still atomically).
+        extra_files: file name -> text, written after every tensor was consumed (so a generator of
+            `tensors` may still fill it in, e.g. a calibration report).
 
     Raises:
         FormatError: the tensors do not form a valid checkpoint for `specs` (nothing is written).
     """
-    qc = build_quantization_config(specs, act_dtype, ignore or [])
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config["quantization_config"] = qc
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size), metadata={"gmmquant_format_version": str(FORMAT_VERSION)})
         seen: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -129,8 +130,12 @@ def save_quantized(
         if problems:
             raise FormatError("refusing to write an invalid checkpoint:\n  " + "\n  ".join(problems))
         weight_map = writer.close()
+        # Built after the tensors: a generator may still have completed `specs` (e.g. calibration extras).
+        config["quantization_config"] = build_quantization_config(specs, act_dtype, ignore or [])
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copied = copy_side_files(Path(source_dir) if source_dir else None, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         shards = len(set(weight_map.values()))
         total = writer.total_bytes
     logger.info("wrote %s: %d shard(s), %.1f MB", out_dir, shards, total / 1e6)

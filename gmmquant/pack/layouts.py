@@ -218,3 +218,10 @@ def disk_naming(model_type: str) -> DiskNaming:
     for sources, target in generic:
         pieces += [PieceRule(_pattern("." + s), "." + target, i, len(sources)) for i, s in enumerate(sources)]
     return DiskNaming(renamings, pieces)
+
+
+def owned_by(naming: DiskNaming, disk_name: str, params: set[str]) -> bool:
+    """Whether an on-disk tensor is (a piece of) one of the in-memory parameters `params` (full paths)."""
+    renamed = naming.rename(disk_name)
+    piece = naming.piece(renamed)
+    return renamed in params or (piece is not None and piece[0] in params)

@@ -1,0 +1,456 @@
+"""`calibrate_model`: a HF MoE model + a recipe + calibration text -> a gmmquant checkpoint, layer by layer.
+
+Memory stays bounded by one decoder layer: the model is loaded with every decoder layer offloaded to disk
+(accelerate, through `from_pretrained(device_map=..., offload_folder=...)`); only the embeddings and the LM
+head stay in memory. One forward with the layers swapped for recorders captures each layer's call
+arguments (masks, rotary embeddings) and the first layer's inputs. Then, per layer:
+
+1. load the layer's weights onto the compute device;
+2. run it on the calibration activations in float with an `ExpertsObserver` on each targeted experts module
+   (per-expert token counts, input ranges, GPTQ Hessians), recording the MoE block's output;
+3. SmoothQuant (W8A8): fold gate_up's factor into the norm before the block (checked), per-expert
+   smooth scales for the rest;
+4. quantize every expert (`quantize.quantize_experts`), install the GMM experts modules;
+5. run the layer again: the quantized block's output error against step 2, and the next layer's inputs
+   (quantization errors propagate, as they will at inference);
+6. stream the quantized tensors into the checkpoint and drop the layer.
+
+Tensors outside the experts are copied from the source files (with SmoothQuant's folded norms and
+readers replaced). The checkpoint is written atomically: an error anywhere leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
+from ..pack.format import ExpertsSpec
+from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
+from ..pack.primitives import QuantizedWeight, activation_dtype
+from ..recipes import Recipe, load_recipe
+from ..runtime.experts import GMMExperts, GMMProjection
+from ..runtime.replace import NoExpertsError
+from .data import calibration_ids, load_texts
+from .quantize import ModuleResult, quantize_experts
+from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
+from .stats import ExpertsObserver, ExpertsStats
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[Any, str, int], Any]
+
+
+@dataclass
+class LayerReport:
+    """One decoder layer's calibration summary (all numbers over its targeted experts modules)."""
+
+    index: int
+    modules: list[str] = field(default_factory=list)
+    num_experts: int = 0
+    experts_covered: int = 0  # experts whose statistics saw at least one token
+    routed: list[int] = field(default_factory=list)  # tokens the router sent to each expert
+    fallbacks: list[str] = field(default_factory=list)
+    weight_error: float = 0.0  # mean relative Frobenius error of the quantized expert weights
+    output_error: float = 0.0  # ||moe_q - moe_float|| / ||moe_float|| on the calibration tokens
+    smoothing: str = "none"
+
+    @property
+    def min_tokens(self) -> int:
+        return min(self.routed, default=0)
+
+    @property
+    def median_tokens(self) -> float:
+        return statistics.median(self.routed) if self.routed else 0.0
+
+
+@dataclass
+class CalibrationReport:
+    recipe: Recipe
+    layers: list[LayerReport]
+    num_tokens: int
+    save: Optional[SaveReport] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "calibration_tokens": self.num_tokens,
+            "layers": [{
+                "index": r.index, "modules": r.modules, "experts": r.num_experts, "experts_covered": r.experts_covered,
+                "routed_tokens_per_expert": r.routed, "fallbacks": r.fallbacks, "weight_error": r.weight_error,
+                "output_error": r.output_error, "smoothing": r.smoothing,
+            } for r in self.layers],
+        }
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during the capture pass: records its call, returns its input."""
+
+    def __init__(self, layer: nn.Module, calls: list):
+        super().__init__()
+        self.calls = calls
+        for name in ("attention_type", "layer_idx", "is_sliding"):  # read by some models' layer loops
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+def decoder_layers(model: nn.Module, experts_paths: list[str]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers holding the experts modules (`model.layers`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and any(p.startswith(f"{name}.") for p in experts_paths) and name:
+            if all(child_name.isdigit() for child_name, _ in module.named_children()):
+                return name, module
+    raise NoExpertsError("could not find the decoder-layer list that holds the experts modules")
+
+
+def _offload_device_map(model: nn.Module, layers_path: str, num_layers: int, device: str) -> dict[str, str]:
+    """Everything on `device` except the decoder layers, which go to disk."""
+    device_map: dict[str, str] = {f"{layers_path}.{i}": "disk" for i in range(num_layers)}
+    parts = layers_path.split(".")
+    for depth in range(len(parts)):
+        parent = ".".join(parts[:depth])
+        module = model.get_submodule(parent) if parent else model
+        for child, _ in module.named_children():
+            if child != parts[depth]:
+                device_map[f"{parent}.{child}" if parent else child] = device
+        for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            device_map[f"{parent}.{pname}" if parent else pname] = device
+    return device_map
+
+
+def _materialize(layer: nn.Module, device: str) -> None:
+    """Load an offloaded layer's weights and remove accelerate's hooks, so it runs as a plain module."""
+    from accelerate.hooks import remove_hook_from_module
+
+    for module in layer.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False):
+            hook.pre_forward(module)
+    remove_hook_from_module(layer, recurse=True)
+    layer.to(device)
+
+
+def _to(obj: Any, device: str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, device: str) -> Tensor:
+    out = layer(hidden.to(device), *_to(args, device), **_to(kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _install(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, result: ModuleResult) -> None:
+    source = layer.get_submodule(rel_path)
+    layer.set_submodule(rel_path, GMMExperts(source, info, result.projections, canonical_order=True))
+
+
+def _projection_tensors(path: str, proj: str, p: GMMProjection) -> dict[str, Tensor]:
+    scale = p.antiquant_scale if p.scheme.weight_only else p.weight_scale
+    qw = QuantizedWeight(p.qweight, scale, p.antiquant_offset, p.scheme)
+    return projection_tensors(path, proj, qw, bias=p.bias, input_scale=p.input_scale, smooth_scale=p.smooth_scale)
+
+
+def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stats: ExpertsStats, recipe: Recipe,
+                  check: Callable[[], float], tolerance: float) -> Optional[dict[str, Tensor]]:
+    """SmoothQuant's gate_up factor folded into the norm (and the experts' float weights, in place).
+
+    Returns the changed non-expert parameters (name in the layer -> tensor), or None when no fold is
+    possible or the folded block differs from the original by more than `tolerance` (then undone)."""
+    module = layer.get_submodule(rel_path)
+    block = layer.get_submodule(rel_path.rsplit(".", 1)[0]) if "." in rel_path else layer
+    first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
+    inputs = [s for s in stats.inputs[first] if s.absmax is not None]
+    if not inputs:
+        return None
+    fold = find_norm_fold(layer, block, module, lambda: check())
+    if fold is None:
+        logger.info("%s: no norm to fold SmoothQuant into; using per-expert smooth scales", rel_path)
+        return None
+    act = torch.stack([s.absmax for s in inputs]).amax(dim=0)
+    param = getattr(module, first)
+    k_axis = -2 if info.is_transposed else -1  # the input-channel axis of the fused [E, K, N] / [E, N, K]
+    w_absmax = param.detach().abs().float().amax(dim=(0, -1 if info.is_transposed else -2))
+    s = smoothing_factors(act, w_absmax, recipe.smoothquant.alpha)
+    saved = apply_norm_fold(fold, s)
+    shape = [1, -1, 1] if k_axis == -2 else [1, 1, -1]
+    with torch.no_grad():
+        original = param.detach().clone()
+        param.copy_((param.float() * s.view(shape)).to(param.dtype))
+    error = check()
+    if error > tolerance:
+        undo_norm_fold(fold, saved)
+        with torch.no_grad():
+            param.copy_(original)
+        logger.warning("%s: folding SmoothQuant into the norm changed the block output by %.2e (> %.0e); "
+                       "using per-expert smooth scales instead", rel_path, error, tolerance)
+        return None
+    for st in stats.inputs[first]:  # the experts now see x / s
+        if st.absmax is not None:
+            st.absmax = st.absmax / s
+        if st.hessian is not None:
+            st.hessian = st.hessian / s.unsqueeze(0) / s.unsqueeze(1)
+    changed = {id(fold.norm.weight)} | {id(r.weight) for r in fold.readers}
+    return {name: p.detach().clone() for name, p in layer.named_parameters() if id(p) in changed}
+
+
+def _relative_error(pairs: list[tuple[Tensor, Tensor]]) -> float:
+    num = sum(float((q.float() - f.float()).pow(2).sum()) for q, f in pairs)
+    den = sum(float(f.float().pow(2).sum()) for _, f in pairs)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+@dataclass
+class LayerInputs:
+    """One decoder layer's calibration inputs: hidden states per batch (on the CPU) and its call arguments."""
+
+    hidden: list[Tensor]
+    args_kwargs: list[tuple[tuple, dict]]
+    device: str
+
+    def run(self, layer: nn.Module, batches: Optional[int] = None) -> list[Tensor]:
+        """The layer's outputs (CPU) for the first `batches` batches (all by default)."""
+        pairs = list(zip(self.hidden, self.args_kwargs))[:batches]
+        with torch.no_grad():
+            return [_run_layer(layer, h, a, k, self.device).cpu() for h, (a, k) in pairs]
+
+
+class _BlockOutputs:
+    """Records the outputs of MoE blocks while a layer runs (a context manager)."""
+
+    def __init__(self, blocks: dict[str, nn.Module]):
+        self.blocks = blocks
+        self.outputs: dict[str, list[Tensor]] = {rel: [] for rel in blocks}
+
+    def __enter__(self) -> "_BlockOutputs":
+        def record(rel):
+            return lambda module, args, out: self.outputs[rel].append((out[0] if isinstance(out, tuple) else out).detach().cpu())
+        self._hooks = [blk.register_forward_hook(record(rel)) for rel, blk in self.blocks.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, ExpertsModuleInfo], inputs: LayerInputs,
+                     recipe: Recipe, act: torch.dtype) -> tuple[dict[str, ModuleResult], LayerReport, list[Tensor], dict[str, Tensor]]:
+    """Observe, (smooth,) quantize and re-run one decoder layer; see the module docstring, steps 2-5.
+
+    Returns the quantized modules by relative path, the layer's report, the next layer's inputs, and the
+    non-expert parameters SmoothQuant changed (name in the layer -> tensor)."""
+    blocks = {rel: layer.get_submodule(rel.rsplit(".", 1)[0]) if "." in rel else layer for rel in mine}
+    observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
+                                      hessian=recipe.algorithm == "gptq") for rel, info in mine.items()}
+    with _BlockOutputs(blocks) as float_run:
+        inputs.run(layer)
+    stats = {rel: obs.remove() for rel, obs in observers.items()}
+
+    changed: dict[str, Tensor] = {}
+    folded: set[str] = set()
+    if recipe.smoothquant is not None and recipe.smoothquant.fold_norm:
+        for rel, info in mine.items():
+            def check(rel=rel) -> float:
+                with _BlockOutputs({rel: blocks[rel]}) as probe:
+                    inputs.run(layer, batches=1)
+                return _relative_error([(probe.outputs[rel][0], float_run.outputs[rel][0])])
+
+            # power-of-two factors make the folded block exact, bar subnormals
+            fold = _fold_gate_up(layer, rel, info, stats[rel], recipe, check, tolerance=1e-3)
+            if fold is not None:
+                folded.add(rel)
+                changed.update(fold)
+
+    results = {}
+    for rel, info in mine.items():
+        results[rel] = quantize_experts(layer.get_submodule(rel), info, stats[rel], recipe, act, path=f"{prefix}.{rel}",
+                                        gate_up_folded=rel in folded)
+        _install(layer, rel, info, results[rel])
+    del stats  # the Hessians
+
+    with _BlockOutputs(blocks) as quant_run:
+        next_hidden = inputs.run(layer)
+
+    report = LayerReport(index)
+    errors = []
+    for rel, result in results.items():
+        report.modules.append(f"{prefix}.{rel}")
+        report.num_experts += len(result.routed)
+        report.routed += result.routed
+        report.fallbacks += result.fallbacks
+        errors += result.weight_errors
+        report.experts_covered += sum(any(n > 0 for n in col) for col in zip(*result.seen.values()))
+        report.smoothing = result.smoothing
+    report.weight_error = sum(errors) / len(errors)
+    report.output_error = _relative_error([pair for rel in mine for pair in zip(quant_run.outputs[rel], float_run.outputs[rel])])
+    return results, report, next_hidden, changed
+
+
+def calibrate_model(
+    model: "str | Path",
+    out_dir: "str | Path",
+    recipe: "str | Path | Recipe | None" = None,
+    *,
+    device: str = "cpu",
+    offload: bool = True,
+    overwrite: bool = False,
+    max_shard_size: "int | str" = "2GB",
+    progress: Optional[Progress] = None,
+    on_layer: Optional[Callable[[LayerReport], None]] = None,
+) -> CalibrationReport:
+    """Calibrate and quantize every targeted experts module of a HF MoE model into a gmmquant checkpoint.
+
+    Args:
+        model: a local HF model directory (config.json, safetensors, tokenizer).
+        out_dir: the checkpoint to write (atomically); it loads with `load_model` / `from_pretrained`.
+        recipe: a Recipe, a shipped recipe name or a YAML path (default `w8a16`).
+        device: compute device for the current layer ("cpu", "cuda", "npu").
+        offload: keep decoder layers on disk until their turn (bounded memory); False loads the whole model.
+        progress: optional `progress(iterable, description, total)` wrapper (the CLI passes tqdm).
+        on_layer: called with each layer's report as soon as it is done.
+
+    Returns:
+        CalibrationReport (also written to `out_dir/calibration.json`).
+
+    Raises:
+        RecipeError, DatasetError, NoExpertsError, FormatError; nothing is written on error.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe(recipe)
+    src = Path(model)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
+    config = AutoConfig.from_pretrained(src)
+    scheme = recipe.quant_scheme()
+    # Refuse what cannot work before loading any weight: no experts, shapes the scheme cannot pack.
+    skeleton = meta_model(config)
+    all_modules = find_experts_modules(skeleton)
+    if not all_modules:
+        raise NoExpertsError(f"{src}: model type {config.model_type!r} has no MoE experts modules; nothing to calibrate")
+    targets = {p: info for p, info in all_modules.items() if recipe.targets_module(p)}
+    if not targets:
+        raise NoExpertsError(f"{src}: the recipe's targets {list(recipe.targets)} / ignore {list(recipe.ignore)} match none of "
+                             f"the experts modules ({sorted(all_modules)[:3]}...)")
+    for path, info in targets.items():
+        if info.linear_names:
+            raise NotImplementedError(f"{path}: calibrating an nn.ModuleList of experts is not supported; use transformers >= 5")
+        for proj, (k, n) in info.projections.items():
+            scheme.check_shape(k, n, f"{path}.{proj}")
+    layers_path, skeleton_layers = decoder_layers(skeleton, list(targets))
+    num_layers = len(skeleton_layers)
+    device_map = _offload_device_map(skeleton, layers_path, num_layers, device) if offload else {"": device}
+    del skeleton
+
+    cal = recipe.calibration
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = calibration_ids(tokenizer, load_texts(cal.dataset, "train"), cal.num_samples, cal.seq_len, cal.seed)
+    batches = list(ids.split(cal.batch_size))
+
+    with tempfile.TemporaryDirectory(prefix="gmmquant-offload-") as offload_dir:
+        kwargs = {"device_map": device_map, "experts_implementation": "gmm"}  # our float GMM path: faster on CPU
+        if offload:
+            kwargs["offload_folder"] = offload_dir
+        model_obj = AutoModelForCausalLM.from_pretrained(src, **kwargs).eval()
+        act = activation_dtype(next(model_obj.parameters()).dtype)
+        layers = model_obj.get_submodule(layers_path)
+
+        # Capture pass: every layer's call arguments, for every batch; layer 0's hidden states.
+        calls: list[list] = [[] for _ in range(num_layers)]
+        originals = list(layers)
+        for i in range(num_layers):
+            layers[i] = _Recorder(originals[i], calls[i])
+        with torch.no_grad():
+            for batch in batches:
+                model_obj(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
+        for i in range(num_layers):
+            layers[i] = originals[i]
+        del originals
+        hidden = [c[0].cpu() for c in calls[0]]
+
+        specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias)
+                 for p, info in targets.items()}
+        overrides: dict[str, Tensor] = {}
+        report = CalibrationReport(recipe, [], int(ids.numel()))
+        side_files: dict[str, str] = {}
+        naming = disk_naming(config.model_type)
+        owned = {f"{p}.{proj}{suffix}" for p, info in targets.items() for proj in info.projections for suffix in ("", "_bias")}
+
+        def layer_tensors() -> Iterator[tuple[str, Tensor]]:
+            nonlocal hidden
+            indices = range(num_layers)
+            for i in (progress(indices, "layers", num_layers) if progress else indices):
+                prefix = f"{layers_path}.{i}"
+                layer = layers[i]
+                _materialize(layer, device)
+                mine = {p[len(prefix) + 1:]: info for p, info in targets.items() if p.startswith(prefix + ".")}
+                inputs = LayerInputs(hidden, [(a, k) for _, a, k in calls[i]], device)
+                if not mine:  # a dense layer, or experts the recipe ignores: just carry the activations on
+                    hidden = inputs.run(layer)
+                    layers[i] = nn.Module()
+                    continue
+                results, layer_report, hidden, changed = _calibrate_layer(layer, i, prefix, mine, inputs, recipe, act)
+                overrides.update({f"{prefix}.{name}": t for name, t in changed.items()})
+                report.layers.append(layer_report)
+                if on_layer is not None:
+                    on_layer(layer_report)
+                for rel, result in results.items():
+                    specs[f"{prefix}.{rel}"].extra = {
+                        proj: [b for b in ("input_scale", "smooth_scale") if getattr(p, b) is not None]
+                        for proj, p in result.projections.items()
+                        if p.input_scale is not None or p.smooth_scale is not None}
+                    for proj, p in result.projections.items():
+                        yield from _projection_tensors(f"{prefix}.{rel}", proj, p).items()
+                layers[i] = nn.Module()  # free the layer: its tensors are written
+                del results
+
+        def all_tensors() -> Iterator[tuple[str, Tensor]]:
+            yield from layer_tensors()
+            weight_map = weight_files(src)
+            by_file: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                by_file.setdefault(file, []).append(name)
+            for file, names in sorted(by_file.items()):
+                with safe_open(str(src / file), framework="pt") as f:
+                    for name in names:
+                        if owned_by(naming, name, owned):
+                            continue
+                        renamed = naming.rename(name)
+                        if renamed in overrides:
+                            yield name, overrides.pop(renamed)
+                        else:
+                            yield name, f.get_tensor(name)
+            if overrides:
+                raise RuntimeError(f"SmoothQuant changed {sorted(overrides)} but they are not in {src}'s files")
+            side_files["calibration.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
+
+        config_dict = json.loads((src / "config.json").read_text())
+        report.save = save_quantized(out_dir, config=config_dict, specs=specs, tensors=all_tensors(), act_dtype=act,
+                                     ignore=list(recipe.ignore), source_dir=src, max_shard_size=max_shard_size,
+                                     overwrite=overwrite, extra_files=side_files)
+    return report
+
+
+__all__ = ["CalibrationReport", "LayerReport", "calibrate_model", "decoder_layers"]

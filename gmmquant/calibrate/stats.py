@@ -1,0 +1,112 @@
+"""Per-expert input statistics, collected from the tokens routed to each expert during calibration.
+
+An `ExpertsObserver` hooks one fused experts module (transformers 5: `forward(hidden, top_k_index,
+top_k_weights)`). The module itself runs untouched, so the layer's output is the model's own; the hook sees
+the same inputs and, per expert, feeds the rows routed to it (or every row, in `all_experts` mode) through
+that expert's float gate_up to get the down_proj input too. For each projection and expert it keeps the
+row count, the per-channel absolute maximum (SmoothQuant, static activation scales) and, for GPTQ, the
+running Hessian `2 X^T X / n`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..pack.layouts import ExpertsModuleInfo
+from .gptq import accumulate_hessian
+
+
+@dataclass
+class InputStats:
+    """Statistics of one projection's input for one expert.
+
+    Attributes:
+        rows: rows seen.
+        absmax: `[K]` float32 per-channel max |x| (None before the first row).
+        hessian: `[K, K]` float32 running `2 X^T X / rows` (only when collected for GPTQ).
+    """
+
+    rows: int = 0
+    absmax: Optional[Tensor] = None
+    hessian: Optional[Tensor] = None
+    want_hessian: bool = False
+
+    def add(self, x: Tensor) -> None:
+        """Add rows `[M, K]` (any float dtype)."""
+        if x.shape[0] == 0:
+            return
+        xf = x.detach().float()
+        amax = xf.abs().amax(dim=0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        if self.want_hessian:
+            self.hessian, _ = accumulate_hessian(self.hessian, xf, self.rows)
+        self.rows += x.shape[0]
+
+
+@dataclass
+class ExpertsStats:
+    """Statistics of one experts module: routed token counts and per-projection, per-expert input stats."""
+
+    num_experts: int
+    routed: Tensor  # int64 [E]: tokens the router sent to each expert
+    inputs: dict[str, list[InputStats]] = field(default_factory=dict)
+
+    def seen(self, proj: str) -> list[int]:
+        """Rows each expert's statistics of `proj` are based on."""
+        return [s.rows for s in self.inputs[proj]]
+
+
+def expert_weight_kn(module: nn.Module, info: ExpertsModuleInfo, proj: str, e: int) -> Tensor:
+    """Expert e's `[K, N]` weight in the module's own column order (interleaved stays interleaved)."""
+    param = getattr(module, proj)[e]
+    return param if info.is_transposed else param.t()
+
+
+def expert_intermediate(module: nn.Module, info: ExpertsModuleInfo, e: int, x: Tensor) -> Tensor:
+    """Expert e's down_proj input for rows `x` `[M, H]`: the model's own gate / activation of gate_up(x)."""
+    first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
+    h = x @ expert_weight_kn(module, info, first, e).to(x.dtype)
+    if info.has_bias:
+        h = h + getattr(module, f"{first}_bias")[e].to(h.dtype)
+    return module._apply_gate(h) if first == "gate_up_proj" else module.act_fn(h)
+
+
+class ExpertsObserver:
+    """Collects `ExpertsStats` for one fused experts module while the model runs; `remove()` unhooks it."""
+
+    def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool):
+        if info.linear_names:
+            raise NotImplementedError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
+                                      "load the model with transformers >= 5 so its experts are fused")
+        self.module, self.info, self.all_experts = module, info, all_experts
+        e = info.num_experts
+        self.stats = ExpertsStats(e, torch.zeros(e, dtype=torch.int64),
+                                  {p: [InputStats(want_hessian=hessian) for _ in range(e)] for p in info.projections})
+        self._handle = module.register_forward_pre_hook(self._observe, with_kwargs=True)
+
+    @torch.no_grad()
+    def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        hidden, index = bound["hidden_states"], bound["top_k_index"]
+        e_count = self.info.num_experts
+        valid = index[(index >= 0) & (index < e_count)]
+        self.stats.routed += torch.bincount(valid.reshape(-1).cpu(), minlength=e_count)[:e_count]
+        first = "gate_up_proj" if "gate_up_proj" in self.info.projections else "up_proj"
+        for e in range(e_count):
+            x = hidden if self.all_experts else hidden[(index == e).any(dim=-1)]
+            if x.shape[0] == 0:
+                continue
+            self.stats.inputs[first][e].add(x)
+            self.stats.inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, x))
+
+    def remove(self) -> ExpertsStats:
+        self._handle.remove()
+        return self.stats
+
+
+__all__ = ["ExpertsObserver", "ExpertsStats", "InputStats", "expert_intermediate", "expert_weight_kn"]
