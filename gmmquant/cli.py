@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -98,6 +100,70 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_progress(iterable, description: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=description, total=total, unit="layer")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate a HF MoE model with a recipe and write a gmmquant checkpoint."""
+    from .recipes import load_recipe
+
+    # The recipe is checked before anything else is imported or read.
+    recipe = load_recipe(args.recipe, dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len,
+                         seed=args.seed, all_experts=args.all_experts, min_tokens=args.min_tokens)
+    from .builtin import resolve_model
+    from .calibrate.pipeline import calibrate_model
+
+    model = resolve_model(args.model)
+    cal = recipe.calibration
+    print(f"calibrating {args.model or 'the built-in model'} with recipe {recipe.name!r} ({recipe.description or recipe.scheme}); "
+          f"data: {cal.dataset}, {cal.num_samples} x {cal.seq_len} tokens, seed {cal.seed}"
+          f"{', all experts see all tokens' if cal.all_experts else ''}")
+    report = calibrate_model(model, args.output, recipe, device=args.device, offload=not args.no_offload,
+                       overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=_layer_progress)
+    print(f"{'layer':>5}{'experts':>9}{'covered':>9}{'min tok':>9}{'median tok':>12}{'fallbacks':>11}"
+          f"{'weight err':>12}{'output err':>12}  smoothing")
+    for r in report.layers:
+        print(f"{r.index:>5}{r.num_experts:>9}{r.experts_covered:>9}{r.min_tokens:>9}{r.median_tokens:>12.1f}"
+              f"{len(r.fallbacks):>11}{r.weight_error:>12.4f}{r.output_error:>12.4f}  {r.smoothing}")
+    fallbacks = [f for r in report.layers for f in r.fallbacks]
+    if fallbacks:
+        print(f"{len(fallbacks)} expert projection(s) fell back to RTN (too few tokens): {', '.join(fallbacks[:8])}"
+              f"{' ...' if len(fallbacks) > 8 else ''}")
+    covered = sum(r.experts_covered for r in report.layers)
+    total = sum(r.num_experts for r in report.layers)
+    print(f"experts calibrated with data: {covered}/{total}; calibration tokens: {report.num_tokens}")
+    print(f"wrote {report.save.path} ({report.save.shards} shard(s), {_mb(report.save.total_bytes)}); "
+          f"run it: gmmquant eval {report.save.path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a float model or a gmmquant checkpoint on held-out text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .builtin import resolve_model
+    from .calibrate.data import load_texts
+    from .calibrate.perplexity import perplexity
+    from .pack.format import QUANT_METHOD
+    from .runtime import load_model
+
+    path = resolve_model(args.model)
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    quantized = (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    model = load_model(path) if quantized else AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = load_texts(args.dataset, "heldout")
+    ppl = perplexity(model, tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_windows)
+    schemes = sorted({m["scheme"]["name"] for m in config["quantization_config"]["modules"].values()}) if quantized else []
+    kind = f"gmmquant {', '.join(schemes)}" if quantized else "float"
+    print(f"{args.model or 'builtin'} ({kind}): perplexity {ppl:.4f} on {args.dataset or 'builtin'} held-out text "
+          f"(seq_len {args.seq_len}{', ' + str(args.max_windows) + ' windows' if args.max_windows else ''})")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Describe a gmmquant checkpoint and validate it."""
     from .pack.checkpoint import load_quantized
@@ -146,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="output shard bound")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("calibrate", help="calibrate a HF MoE model with a recipe and write a quantized checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model directory (default: the built-in model)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to create")
+    p.add_argument("--recipe", default=None, help="shipped recipe name or YAML path (default: w8a16; see recipes/)")
+    p.add_argument("--dataset", default=None, help="'builtin', a .txt/.jsonl file, or a cached `datasets` name")
+    p.add_argument("--num-samples", type=int, default=None, help="calibration samples (overrides the recipe)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (overrides the recipe)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--all-experts", dest="all_experts", action="store_true", default=None,
+                   help="every expert's statistics see every token (outputs still use the real routing)")
+    p.add_argument("--min-tokens", type=int, default=None, help="experts with fewer tokens fall back to RTN")
+    p.add_argument("--device", default="cpu", help="compute device of the current layer (cpu, cuda, npu)")
+    p.add_argument("--no-offload", action="store_true", help="load the whole model in memory instead of layer by layer")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity of a float model or a gmmquant checkpoint on held-out text")
+    p.add_argument("model", nargs="?", default=None, help="model or checkpoint directory (default: the built-in model)")
+    p.add_argument("--dataset", default=None, help="'builtin' (its held-out split), a .txt/.jsonl file, or a cached `datasets` name")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="describe and validate a gmmquant checkpoint")
     p.add_argument("checkpoint")
