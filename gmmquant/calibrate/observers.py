@@ -35,8 +35,8 @@ def mse_clip_range(
     scheme: QuantScheme,
     act_dtype: torch.dtype,
     *,
-    grid: int = 100,
-    max_shrink: float = 0.8,
+    grid: int = 20,
+    max_shrink: float = 0.2,
     norm: float = 2.4,
 ) -> tuple[Tensor, Tensor]:
     """Clip range per channel / group that minimises the p-norm quantization error (a shrinking grid search).
@@ -51,7 +51,8 @@ def mse_clip_range(
         w: `[E, K, N]` float weight (canonical layout, y = x @ w[e]).
         scheme: scheme (bits, symmetric, group_size); checked against K and N.
         act_dtype: activation dtype (bfloat16 / float16): decides the stored scale dtype.
-        grid: number of shrink steps between p = 1 and p = 1 - max_shrink.
+        grid: number of shrink steps between p = 1 and p = 1 - max_shrink (default: 1% steps down to 80%
+            of the range, where the optimum of 4- and 8-bit groups lies; 5x cheaper than a full sweep).
         max_shrink: largest fraction of the range that may be cut off, in [0, 1).
         norm: exponent of the error (2.4 as in GPTQ's MSE observer: between MSE and max error).
 
