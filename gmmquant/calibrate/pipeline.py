@@ -263,7 +263,8 @@ def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, 
     non-expert parameters SmoothQuant changed (name in the layer -> tensor)."""
     blocks = {rel: layer.get_submodule(rel.rsplit(".", 1)[0]) if "." in rel else layer for rel in mine}
     observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
-                                      hessian=recipe.algorithm == "gptq") for rel, info in mine.items()}
+                                      hessian=recipe.algorithm == "gptq", inputs=recipe.needs_activation_statistics)
+                 for rel, info in mine.items()}
     with _BlockOutputs(blocks) as float_run:
         inputs.run(layer)
     stats = {rel: obs.remove() for rel, obs in observers.items()}

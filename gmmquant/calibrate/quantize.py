@@ -87,7 +87,7 @@ def quantize_experts(
     """
     scheme = recipe.quant_scheme()
     smooth = recipe.smoothquant
-    data_needed = recipe.algorithm == "gptq" or smooth is not None or scheme.activation == "static"
+    data_needed = recipe.needs_activation_statistics
     result = ModuleResult(path, {}, stats.routed.tolist(), smoothing="norm-fold" if gate_up_folded else "none")
     first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
     for proj in info.projections:

@@ -56,8 +56,10 @@ class ExpertsStats:
     inputs: dict[str, list[InputStats]] = field(default_factory=dict)
 
     def seen(self, proj: str) -> list[int]:
-        """Rows each expert's statistics of `proj` are based on."""
-        return [s.rows for s in self.inputs[proj]]
+        """Rows each expert's statistics of `proj` are based on (the routed tokens when no input
+        statistics were collected)."""
+        rows = [s.rows for s in self.inputs[proj]]
+        return rows if any(rows) else self.routed.tolist()
 
 
 def expert_weight_kn(module: nn.Module, info: ExpertsModuleInfo, proj: str, e: int) -> Tensor:
@@ -76,13 +78,16 @@ def expert_intermediate(module: nn.Module, info: ExpertsModuleInfo, e: int, x: T
 
 
 class ExpertsObserver:
-    """Collects `ExpertsStats` for one fused experts module while the model runs; `remove()` unhooks it."""
+    """Collects `ExpertsStats` for one fused experts module while the model runs; `remove()` unhooks it.
 
-    def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool):
+    With `inputs=False` only the routed token counts are kept (round-to-nearest of weights needs no
+    activation statistics, and the per-expert pass costs a matmul per expert)."""
+
+    def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool, inputs: bool = True):
         if info.linear_names:
             raise NotImplementedError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
-        self.module, self.info, self.all_experts = module, info, all_experts
+        self.module, self.info, self.all_experts, self.inputs = module, info, all_experts, inputs
         e = info.num_experts
         self.stats = ExpertsStats(e, torch.zeros(e, dtype=torch.int64),
                                   {p: [InputStats(want_hessian=hessian) for _ in range(e)] for p in info.projections})
@@ -96,6 +101,8 @@ class ExpertsObserver:
         e_count = self.info.num_experts
         valid = index[(index >= 0) & (index < e_count)]
         self.stats.routed += torch.bincount(valid.reshape(-1).cpu(), minlength=e_count)[:e_count]
+        if not self.inputs:
+            return
         first = "gate_up_proj" if "gate_up_proj" in self.info.projections else "up_proj"
         for e in range(e_count):
             x = hidden if self.all_experts else hidden[(index == e).any(dim=-1)]

@@ -99,6 +99,12 @@ class Recipe:
         overrides = {k: v for k, v in (("group_size", self.group_size), ("symmetric", self.symmetric)) if v is not None}
         return get_scheme(self.scheme, name=self.name, **overrides)
 
+    @property
+    def needs_activation_statistics(self) -> bool:
+        """Whether quantizing needs the experts' input statistics (GPTQ Hessians, SmoothQuant or static
+        activation ranges); weight-only and dynamic RTN need only the weights."""
+        return self.algorithm == "gptq" or self.smoothquant is not None or self.quant_scheme().activation == "static"
+
     def targets_module(self, path: str) -> bool:
         """Whether an experts module at `path` is quantized by this recipe."""
         matched = any(fnmatch.fnmatchcase(path, p) for p in self.targets)
