@@ -214,3 +214,51 @@ def test_offload_and_in_memory_give_the_same_checkpoint(qwen3_dir, tmp_path):
     assert set(a.weight_map) == set(b.weight_map)
     for name in a.weight_map:
         assert torch.equal(a.tensor(name), b.tensor(name)), name
+
+
+def test_cli_calibrate_prints_the_summary(qwen3_dir, tmp_path, capsys):
+    from gmmquant.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["calibrate", str(qwen3_dir), "-o", str(out), "--recipe", "w4a16-g128-gptq", "--num-samples", "4",
+               "--seq-len", "32", "--min-tokens", "20"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "min tok" in text and "output err" in text
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"] and all(r[1] == "8" for r in rows)
+    assert "experts calibrated with data: 16/16" in text
+    assert "fell back to RTN" in text  # 4 x 32 tokens, top-2 of 8: some experts see fewer than 20
+    assert load_quantized(out).specs
+    assert main(["calibrate", str(qwen3_dir), "-o", str(out), "--recipe", "w8a16", "--num-samples", "2", "--seq-len", "32"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+FAMILY_RECIPES = {  # every family with the recipe kind that exercises the most of its layout
+    "mixtral": "gptq", "qwen2_moe": "smooth", "qwen3_moe": "static", "deepseek_v3": "smooth", "glm4_moe": "gptq",
+    "olmoe": "static", "phimoe": "gptq", "granitemoe": "smooth", "gpt_oss": "smooth", "nemotron_h": "gptq",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_RECIPES))
+def test_every_family_calibrates_loads_and_generates(family, tmp_path):
+    from gmmquant.recipes import parse_recipe
+    from test_runtime import FAMILIES
+
+    kind = FAMILY_RECIPES[family]
+    data = {"num_samples": 4, "seq_len": 32, "all_experts": True, "min_tokens": 1}
+    recipe = parse_recipe({
+        "gptq": {"name": "g32-gptq", "scheme": "w4a16-g32", "algorithm": "gptq", "gptq": {"act_order": True, "block_size": 32}},
+        "smooth": {"name": "smooth", "scheme": "w8a8-dynamic", "smoothquant": {"alpha": 0.5}},
+        "static": {"name": "static", "scheme": "w8a8-static"},
+    }[kind] | {"calibration": data})
+    config = FAMILIES[family]()
+    config.vocab_size = 384
+    src = save_tiny_model(tmp_path / "model", config)
+    report = calibrate_model(src, tmp_path / "out", recipe)
+    assert report.layers and all(layer.experts_covered == layer.num_experts for layer in report.layers)
+    bound = 0.15 if kind == "gptq" else 0.05
+    assert all(0 < layer.output_error < bound for layer in report.layers), [l.output_error for l in report.layers]
+    if kind == "smooth" and family != "nemotron_h":  # no norm output feeds nemotron_h.s MoE block as is: per-expert only
+        assert all(layer.smoothing == "norm-fold+per-expert" for layer in report.layers)
+    generate(tmp_path / "out")

@@ -102,9 +102,10 @@ class _Recorder(nn.Module):
     def __init__(self, layer: nn.Module, calls: list):
         super().__init__()
         self.calls = calls
-        for name in ("attention_type", "layer_idx", "is_sliding"):  # read by some models' layer loops
-            if hasattr(layer, name):
-                setattr(self, name, getattr(layer, name))
+        # Models' layer loops read plain attributes of their layers (attention_type, block_type, ...).
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, name, value)
 
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((hidden_states, args, kwargs))
