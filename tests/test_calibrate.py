@@ -259,6 +259,6 @@ def test_every_family_calibrates_loads_and_generates(family, tmp_path):
     assert report.layers and all(layer.experts_covered == layer.num_experts for layer in report.layers)
     bound = 0.15 if kind == "gptq" else 0.05
     assert all(0 < layer.output_error < bound for layer in report.layers), [l.output_error for l in report.layers]
-    if kind == "smooth" and family != "nemotron_h":  # no norm output feeds nemotron_h.s MoE block as is: per-expert only
+    if kind == "smooth" and family != "nemotron_h":  # no norm output feeds the nemotron_h MoE block as is: per-expert only
         assert all(layer.smoothing == "norm-fold+per-expert" for layer in report.layers)
     generate(tmp_path / "out")
