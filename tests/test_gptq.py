@@ -131,7 +131,7 @@ def test_identity_hessian_with_mse_observer_is_mse_rtn(name):
     # per-channel: params from the whole weight; per-group: each group's search on its own rows (unchanged
     # by GPTQ when H is diagonal) = the vectorised search over all groups
     scheme, w = SCHEMES[name], weight(5)
-    lo, hi = mse_clip_range(w.unsqueeze(0), scheme, BF16, grid=100)
+    lo, hi = mse_clip_range(w.unsqueeze(0), scheme, BF16)  # the observer's defaults, as gptq_quantize uses them
     rtn = quantize_weight(w.unsqueeze(0), scheme, BF16, clip_min=lo, clip_max=hi)
     got = gptq_quantize(w, torch.eye(K), scheme, BF16, observer="mse")
     assert_same_tensors(got, rtn)
