@@ -231,3 +231,40 @@ def test_cli_export_and_incomplete_import(checkpoints, tmp_path, capsys):
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(FormatError, match=r"gate_up_proj: per-expert linears missing for \(expert, part\) \[\(2, 1\)\]"):
         load_model(broken)
+
+
+def test_ascend_import_dequantizes_quantized_attention(checkpoints, tmp_path):
+    """msModelSlim usually quantizes attention too: such linears are dequantized, the experts stay int8."""
+    from safetensors.torch import save_file
+
+    src, out, ref = exported(checkpoints, "qwen3_moe", "w8a8-dynamic", "ascend", tmp_path)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    tensors = read_dir(out)
+    base = "model.layers.1.self_attn.o_proj"
+    w = tensors.pop(base + ".weight").float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    tensors[base + ".weight"] = torch.round(w / scale).to(torch.int8)
+    tensors[base + ".weight_scale"], tensors[base + ".weight_offset"] = scale, torch.zeros_like(scale)
+    for suffix in ("weight", "weight_scale", "weight_offset"):
+        description[f"{base}.{suffix}"] = "W8A8_DYNAMIC"
+    for file in out.glob("*.safetensors*"):
+        file.unlink()
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "quant_model_description.json").write_text(json.dumps(description))
+    model = load_model(out)
+    want = (tensors[base + ".weight"].float() * scale).to(torch.bfloat16)
+    got = model.get_submodule(base).weight
+    assert got.dtype == want.dtype and torch.equal(got, want), (got.dtype, float((got.float() - want.float()).abs().max()))
+    assert model.get_submodule("model.layers.1.mlp.experts").gate_up_proj.qweight.dtype == torch.int8
+    err = float((logits(model) - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 5e-2, err
+
+
+def test_smooth_scales_refused():
+    from gmmquant.interop.compressed_tensors import check_exportable
+    from gmmquant.pack.format import ExpertsSpec
+
+    spec = ExpertsSpec("model.layers.0.mlp.experts", get_scheme("w8a8-dynamic"), 4, {"gate_up_proj": (64, 64), "down_proj": (32, 64)},
+                       torch.bfloat16, extra={"down_proj": ["smooth_scale"]})
+    with pytest.raises(FormatError, match="SmoothQuant"):
+        check_exportable(spec, "AscendV1")

@@ -105,6 +105,15 @@ def config_dtype(config: dict[str, Any]) -> Optional[torch.dtype]:
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
+def _storage_dtype(float_tensors: list[torch.Tensor], config: dict[str, Any]) -> torch.dtype:
+    """The dtype the checkpoint keeps its float weights in (most common among them), else the config's."""
+    counts: dict[torch.dtype, int] = {}
+    for t in float_tensors:
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else (config_dtype(config) or torch.float32)
+
+
 def _split_linear(name: str, suffixes: tuple[str, ...]) -> Optional[tuple[str, str]]:
     for suffix in sorted(suffixes, key=len, reverse=True):
         if name.endswith("." + suffix):
@@ -206,7 +215,7 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
     if problems:
         raise FormatError(f"{root}: the converted experts would not run on the kernel:\n  " + "\n  ".join(problems))
 
-    dtype = config_dtype(config)
+    dtype = _storage_dtype([linears[b]["weight"] for b in plain_linears if "weight" in linears[b]], config)
     for base in plain_linears:
         group = linears[base]
         scheme = fmt.scheme_for(base, group)
@@ -214,8 +223,8 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
             for suffix, t in group.items():
                 other[naming.to_memory(f"{base}.{suffix}")] = t
             continue
-        logger.info("%s: %s is quantized outside the experts; dequantizing it to %s", root, base, dtype or torch.float32)
-        weight = fmt.decode(base, group, scheme).dequantize(dtype or torch.float32)
+        logger.info("%s: %s is quantized outside the experts; dequantizing it to %s", root, base, dtype)
+        weight = fmt.decode(base, group, scheme).dequantize(dtype)
         other[naming.to_memory(base + ".weight")] = weight
         if "bias" in group:
             other[naming.to_memory(base + ".bias")] = group["bias"]
