@@ -268,3 +268,31 @@ def test_smooth_scales_refused():
                        torch.bfloat16, extra={"down_proj": ["smooth_scale"]})
     with pytest.raises(FormatError, match="SmoothQuant"):
         check_exportable(spec, "AscendV1")
+
+
+@pytest.mark.parametrize("source", ["save_model", "stream_pack"])
+@pytest.mark.parametrize("to", ["compressed-tensors", "ascend"])
+def test_float_experts_modules_export_per_expert(float_models, tmp_path, source, to):
+    """Experts modules left in float are written per expert (ignored by compressed-tensors, FLOAT in AscendV1)."""
+    from gmmquant.pack.stream import stream_pack
+
+    model = copy.deepcopy(float_models["mixtral"])
+    path = tmp_path / "ck"
+    if source == "save_model":  # fused in-memory names
+        original = copy.deepcopy(model.get_submodule("model.layers.0.mlp.experts"))  # replace_experts strips it
+        replace_experts(model, "w8a8-dynamic")
+        model.set_submodule("model.layers.0.mlp.experts", original)
+        save_model(model, path)
+    else:  # the original per-expert names
+        model.save_pretrained(tmp_path / "hf")
+        stream_pack(tmp_path / "hf", path, get_scheme("w8a8-dynamic"), ignore=["model.layers.0.*"])
+    out = export_checkpoint(path, tmp_path / "out", to)
+    tensors = read_dir(out)
+    w1 = tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
+    assert w1.dtype == torch.bfloat16 and w1.shape == (32, 64)
+    torch.testing.assert_close(w1, float_models["mixtral"].model.layers[0].mlp.experts.gate_up_proj[2, :32], rtol=0, atol=0)
+    assert tensors["model.layers.1.block_sparse_moe.experts.2.w1.weight"].dtype == torch.int8
+    if to == "compressed-tensors":
+        ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+        assert any(p.startswith("re:") and re.match(p[3:], "model.layers.0.block_sparse_moe.experts.3.w2") for p in ignore)
+    torch.testing.assert_close(logits(load_model(out)), logits(load_model(path)), rtol=0, atol=0)

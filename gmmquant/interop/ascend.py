@@ -26,12 +26,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..pack.checkpoint import copy_side_files, load_quantized
-from ..pack.format import FormatError, expert_tensor_owner
+from ..pack.format import FormatError
 from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .compressed_tensors import check_exportable
+from .export import expert_linears, float_experts_modules, float_tensors
 from .foreign import ForeignCheckpoint, LinearFormat, make_scheme, read_all, read_foreign
-from .linears import LinearCodes, split_projection
+from .linears import LinearCodes
 from .naming import Naming
 from .packing import pack_offset_binary, unpack_offset_binary
 
@@ -87,6 +88,8 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
             W4A16, mixed W4A16 group sizes), SmoothQuant factors, expert biases, or a family whose experts are
             fused on disk.
     """
+    from transformers import AutoConfig
+
     ck = load_quantized(checkpoint)
     naming = Naming(ck.config["model_type"])
     types = {}
@@ -98,20 +101,16 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
         raise FormatError(f"W4A16 experts use group sizes {sorted(group_sizes)}; AscendV1 records one global group_size "
                           "(rule: quant_model_description.json 'group_size')")
     description: dict[str, Any] = {}
+    float_modules = float_experts_modules(ck, AutoConfig.for_model(**{k: v for k, v in ck.config.items() if k != "quantization_config"}))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in ck.iter_tensors():
-            if expert_tensor_owner(name, ck.specs) is None:
-                description[naming.to_disk(name)] = FLOAT
-                yield naming.to_disk(name), t
-        for prefix, spec in ck.specs.items():
-            for proj, qw in ck.projections(prefix).items():
-                names = naming.expert_linears(f"{prefix}.{proj}", spec.num_experts)
-                for e, row in enumerate(split_projection(qw, len(names[0]))):
-                    for base, codes in zip(names[e], row):
-                        for name, t in linear_tensors(base, codes, types[prefix]).items():
-                            description[name] = types[prefix]
-                            yield name, t
+        for name, t in float_tensors(ck, naming, float_modules):
+            description[name] = FLOAT
+            yield name, t
+        for spec, base, codes in expert_linears(ck, naming):
+            for name, t in linear_tensors(base, codes, types[spec.prefix]).items():
+                description[name] = types[spec.prefix]
+                yield name, t
 
     model_type = max(types.values(), key=PRIORITY.index)
     config = {k: v for k, v in ck.config.items() if k != "quantization_config"}

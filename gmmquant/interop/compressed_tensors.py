@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from ..pack.checkpoint import copy_side_files, load_quantized
-from ..pack.format import ExpertsSpec, FormatError, expert_tensor_owner
+from ..pack.format import ExpertsSpec, FormatError
 from ..pack.layouts import meta_model
 from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
+from .export import expert_linears, float_experts_modules, float_tensors, module_pattern
 from .foreign import ForeignCheckpoint, LinearFormat, make_scheme, read_all, read_foreign
-from .linears import LinearCodes, split_projection
+from .linears import LinearCodes
 from .naming import Naming
 from .packing import pack_offset_binary, pack_rows, unpack_offset_binary, unpack_rows
 
@@ -218,8 +219,8 @@ def check_exportable(spec: ExpertsSpec, target: str) -> None:
 
 
 def ignored_modules(config: Any, naming: Naming, expert_paths: list[str]) -> list[str]:
-    """Disk names of every module with a 2-D weight outside the experts (attention, routers, shared experts,
-    lm_head): the Linear-like layers an engine must keep in float."""
+    """Original names of every module with a 2-D weight outside the experts modules (attention, routers, shared
+    experts, dense MLPs, lm_head): the Linear-like layers an engine must keep in float."""
     out = []
     for name, module in meta_model(config).named_modules():
         if any(name == p or name.startswith(p + ".") for p in expert_paths) or isinstance(module, nn.Embedding):
@@ -228,13 +229,6 @@ def ignored_modules(config: Any, naming: Naming, expert_paths: list[str]) -> lis
         if weight is not None and weight.dim() == 2:
             out.append(naming.to_disk(f"{name}.weight")[: -len(".weight")])
     return sorted(set(out))
-
-
-def target_pattern(naming: Naming, spec: ExpertsSpec) -> str:
-    """A `re:` target matching exactly the per-expert linears of one experts module."""
-    token = "EXPERTINDEX"
-    names = [n for proj in spec.projections for n in naming.expert_linears(f"{spec.prefix}.{proj}", [token])[0]]
-    return "re:^(" + "|".join(re.escape(n).replace(token, r"\d+") for n in names) + ")$"
 
 
 def export_compressed_tensors(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike", *,
@@ -262,25 +256,21 @@ def export_compressed_tensors(checkpoint: "str | os.PathLike", out_dir: "str | o
         by_scheme.setdefault(spec.scheme, []).append(spec)
     groups = {}
     for i, (scheme, specs) in enumerate(by_scheme.items()):
-        groups[f"group_{i}"] = {**scheme_to_group(scheme), "targets": [target_pattern(naming, s) for s in specs]}
+        groups[f"group_{i}"] = {**scheme_to_group(scheme), "targets": [module_pattern(naming, s.prefix, s.projections) for s in specs]}
     formats = {g["format"] for g in groups.values()}
     config = {k: v for k, v in ck.config.items() if k != "quantization_config"}
     hf_config = AutoConfig.for_model(**config)
+    float_modules = float_experts_modules(ck, hf_config)
+    ignore = ignored_modules(hf_config, naming, list(ck.specs) + list(float_modules))
+    ignore += [module_pattern(naming, p, info.projections) for p, info in float_modules.items()]
     qc = {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-          "quantization_status": "compressed", "config_groups": groups,
-          "ignore": ignored_modules(hf_config, naming, list(ck.specs)), "kv_cache_scheme": None,
+          "quantization_status": "compressed", "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None,
           "sparsity_config": {}, "transform_config": {}, "global_compression_ratio": None}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in ck.iter_tensors():
-            if expert_tensor_owner(name, ck.specs) is None:
-                yield naming.to_disk(name), t
-        for prefix, spec in ck.specs.items():
-            for proj, qw in ck.projections(prefix).items():
-                names = naming.expert_linears(f"{prefix}.{proj}", spec.num_experts)
-                for e, row in enumerate(split_projection(qw, len(names[0]))):
-                    for base, codes in zip(names[e], row):
-                        yield from linear_tensors(base, codes, spec.scheme).items()
+        yield from float_tensors(ck, naming, float_modules)
+        for spec, base, codes in expert_linears(ck, naming):
+            yield from linear_tensors(base, codes, spec.scheme).items()
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
