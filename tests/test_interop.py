@@ -296,3 +296,22 @@ def test_float_experts_modules_export_per_expert(float_models, tmp_path, source,
         ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
         assert any(p.startswith("re:") and re.match(p[3:], "model.layers.0.block_sparse_moe.experts.3.w2") for p in ignore)
     torch.testing.assert_close(logits(load_model(out)), logits(load_model(path)), rtol=0, atol=0)
+
+
+def test_tied_embeddings_load_tied(tmp_path):
+    """A checkpoint that stores only the embeddings of a tied model (as HF saves them) loads with lm_head tied."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = CONFIGS["qwen3_moe"]()
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    replace_experts(model, "w8a16")
+    save_model(model, tmp_path / "ck")
+    out = export_checkpoint(tmp_path / "ck", tmp_path / "ct", "compressed-tensors")
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(out / "model.safetensors"))
+    loaded = load_model(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(logits(loaded), logits(load_model(tmp_path / "ck")), rtol=0, atol=0)

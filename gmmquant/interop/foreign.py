@@ -134,7 +134,7 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
         root: the checkpoint directory (for messages).
         fmt: the format's reader.
         config: config.json without quantization_config.
-        tensors: every tensor of the checkpoint, by disk name.
+        tensors: every tensor of the checkpoint, by disk name; emptied as they are converted.
 
     Raises:
         FormatError: the model has no experts modules, an experts module is incomplete or mixes schemes,
@@ -152,13 +152,14 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
     naming = Naming(model_type)
     # Group linear tensors: base name -> {suffix: tensor}; expert linears also by (param path, expert, part).
     linears: dict[str, dict[str, torch.Tensor]] = {}
-    other_names: list[str] = []
-    for name in tensors:
+    rest: dict[str, torch.Tensor] = {}
+    for name in list(tensors):  # taken out of `tensors`, so converted experts free their source tensors
+        t = tensors.pop(name)
         split = _split_linear(name, fmt.suffixes)
         if split is None:
-            other_names.append(name)
+            rest[name] = t
         else:
-            linears.setdefault(split[0], {})[split[1]] = tensors[name]
+            linears.setdefault(split[0], {})[split[1]] = t
     pieces: dict[str, dict[tuple[int, int], str]] = {}
     parts_of: dict[str, int] = {}
     plain_linears = []
@@ -205,6 +206,10 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
             first = codes[next(iter(codes))][0][0].scale.dtype
             act = first if scheme.weight_only and first in (torch.bfloat16, torch.float16) else activation_dtype(config_dtype(config))
         quantized[path] = {proj: merge_projection(c, scheme, act) for proj, c in codes.items()}
+        del codes
+        for rows in grid.values():
+            for base in (b for row in rows for b in row):
+                linears.pop(base)
         specs[path] = ExpertsSpec(path, scheme, info.num_experts, dict(info.projections), act)
     if not specs:
         raise FormatError(f"{root}: no quantized experts module found ({fmt.name}); load it as a float model instead")
@@ -228,8 +233,8 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
         other[naming.to_memory(base + ".weight")] = weight
         if "bias" in group:
             other[naming.to_memory(base + ".bias")] = group["bias"]
-    for name in other_names:
-        other[naming.to_memory(name)] = tensors[name]
+    for name, t in rest.items():
+        other[naming.to_memory(name)] = t
     return ForeignCheckpoint(root, fmt.name, config, act, specs, quantized, other)
 
 

@@ -84,16 +84,16 @@ def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: 
         strip_float_experts(source, info)
         model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ck.other.items()}
-    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in ck.specs)}
-    tied = {k for k in expected - set(state) if _is_tied(model, k)}
-    missing, unexpected = sorted(expected - set(state) - tied), sorted(set(state) - expected)
+    tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))  # e.g. lm_head.weight -> embed_tokens
+    state = {k: v for k, v in state.items() if k not in tied}  # a tied copy on disk is the same values
+    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in ck.specs)} - tied
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise FormatError(f"{ck.path}: checkpoint does not fit {type(model).__name__}: "
                           f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                           f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
+    model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise FormatError(f"{ck.path}: no tensors for {still_meta[:10]}")
@@ -105,14 +105,13 @@ def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: 
     return model.eval()
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
-    """Whether a parameter is tied to another (lm_head to the embeddings) and so may be absent on disk."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
-    names = tied.keys() if isinstance(tied, dict) else tied
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and key in set(names)
-
-
 def load_foreign_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu", backend: Optional[str] = None,
-                       dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Load a compressed-tensors or AscendV1 MoE checkpoint for gmmquant's runtime (what `load_model` calls)."""
+                       dtype: Optional[torch.dtype] = None, **ignored: object) -> nn.Module:
+    """Load a compressed-tensors or AscendV1 MoE checkpoint for gmmquant's runtime (what `load_model` calls).
+
+    Keyword arguments meant for `from_pretrained` do not apply here (the model is built from its config) and
+    are reported in the log.
+    """
+    if ignored:
+        logger.warning("%s: from_pretrained arguments %s are not used for %s checkpoints", path, sorted(ignored), detect_format(path))
     return build_model(read_checkpoint(path), backend=backend, dtype=dtype).to(device)

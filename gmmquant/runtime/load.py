@@ -81,7 +81,7 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     from ..interop.load import detect_format, load_foreign_model  # noqa: PLC0415 - interop imports runtime
 
     if detect_format(path) is not None:  # compressed-tensors / AscendV1: converted at load time (docs/INTEROP.md)
-        return load_foreign_model(path, device=device, backend=backend, dtype=dtype)
+        return load_foreign_model(path, device=device, backend=backend, dtype=dtype, **kwargs)
     load_quantized(path)
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
     if backend is not None:
