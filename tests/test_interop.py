@@ -204,15 +204,20 @@ def test_per_channel_w4a16_refused_for_ascend(checkpoints, tmp_path):
         quant_type(get_scheme("w4a16", symmetric=True))
 
 
-def test_fused_on_disk_family_refused(tmp_path):
+@pytest.mark.parametrize("family,rule", [("gpt_oss", "biases"), ("granitemoe", "fused on disk")])
+def test_fused_on_disk_families_refused(tmp_path, family, rule):
     torch.manual_seed(0)
-    config = transformers.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                                       layer_types=["full_attention"] * 2)
+    config = {"gpt_oss": lambda: transformers.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                                           head_dim=16, layer_types=["full_attention"] * 2),
+              "granitemoe": lambda: transformers.GraniteMoeConfig(**COMMON, intermediate_size=32, num_local_experts=4,
+                                                                  num_experts_per_tok=2)}[family]()
     model = transformers.AutoModelForCausalLM.from_config(config)
     replace_experts(model, "w8a8-dynamic")
     save_model(model, tmp_path / "ck")
-    with pytest.raises(FormatError, match="biases|fused on disk"):
-        export_checkpoint(tmp_path / "ck", tmp_path / "out", "compressed-tensors")
+    for to in ("compressed-tensors", "ascend"):
+        with pytest.raises(FormatError, match=rule):
+            export_checkpoint(tmp_path / "ck", tmp_path / "out", to)
+        assert not (tmp_path / "out").exists()
 
 
 def test_cli_export_and_incomplete_import(checkpoints, tmp_path, capsys):

@@ -94,7 +94,7 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
     naming = Naming(ck.config["model_type"])
     types = {}
     for prefix, spec in ck.specs.items():
-        check_exportable(spec, "AscendV1")
+        check_exportable(spec, "AscendV1", naming)
         types[prefix] = quant_type(spec.scheme)
     group_sizes = {s.scheme.group_size for p, s in ck.specs.items() if types[p] == "W4A16"}
     if len(group_sizes) > 1:

@@ -206,8 +206,9 @@ def linear_tensors(base: str, codes: LinearCodes, scheme: QuantScheme) -> dict[s
     return out
 
 
-def check_exportable(spec: ExpertsSpec, target: str) -> None:
-    """Refuse experts modules a per-expert-Linear target cannot hold (biases, SmoothQuant factors)."""
+def check_exportable(spec: ExpertsSpec, target: str, naming: Optional[Naming] = None) -> None:
+    """Refuse experts modules a per-expert-Linear target cannot hold (biases, SmoothQuant factors, and, given the
+    model's naming, families whose experts have no per-expert Linear names), before anything is written."""
     if spec.has_bias:
         raise FormatError(f"{spec.prefix}: experts with biases (GPT-OSS) cannot be exported to {target} "
                           "(rule: the engines' per-expert MoE loaders for this format take no expert bias)")
@@ -216,6 +217,9 @@ def check_exportable(spec: ExpertsSpec, target: str) -> None:
         raise FormatError(f"{spec.prefix}: per-expert SmoothQuant factors ({smoothed}) cannot be exported to {target} "
                           "(rule: the format has no activation smoothing vector and the factors cannot be folded into "
                           "int8 weights exactly); re-pack without smoothing")
+    if naming is not None:
+        for proj in spec.projections:
+            naming.expert_linears(f"{spec.prefix}.{proj}", [0])
 
 
 def ignored_modules(config: Any, naming: Naming, expert_paths: list[str]) -> list[str]:
@@ -249,7 +253,7 @@ def export_compressed_tensors(checkpoint: "str | os.PathLike", out_dir: "str | o
     ck = load_quantized(checkpoint)
     naming = Naming(ck.config["model_type"])
     for spec in ck.specs.values():
-        check_exportable(spec, QUANT_METHOD)
+        check_exportable(spec, QUANT_METHOD, naming)
         scheme_to_group(spec.scheme)
     by_scheme: dict[QuantScheme, list[ExpertsSpec]] = {}
     for spec in ck.specs.values():
