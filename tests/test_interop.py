@@ -17,7 +17,7 @@ from gmmquant.interop.naming import Naming
 from gmmquant.pack import get_scheme
 from gmmquant.pack.checkpoint import load_quantized
 from gmmquant.pack.format import FormatError
-from gmmquant.runtime import load_model, replace_experts, save_model
+from gmmquant.runtime import GMMExperts, load_model, replace_experts, save_model
 
 transformers = pytest.importorskip("transformers")
 ct = pytest.importorskip("compressed_tensors")
@@ -300,7 +300,11 @@ def test_float_experts_modules_export_per_expert(float_models, tmp_path, source,
     if to == "compressed-tensors":
         ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
         assert any(p.startswith("re:") and re.match(p[3:], "model.layers.0.block_sparse_moe.experts.3.w2") for p in ignore)
-    torch.testing.assert_close(logits(load_model(out)), logits(load_model(path)), rtol=0, atol=0)
+    imported = load_model(out)
+    float_experts = imported.get_submodule("model.layers.0.mlp.experts")
+    assert isinstance(float_experts, GMMExperts) and float_experts.gate_up_proj.scheme is None  # float GMM, via replace_experts
+    # load_model(path) keeps HF's own float experts loop for the ignored module: bf16 rounding differs.
+    torch.testing.assert_close(logits(imported), logits(load_model(path)), rtol=0, atol=1e-2)
 
 
 def test_tied_embeddings_load_tied(tmp_path):

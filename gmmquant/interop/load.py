@@ -1,8 +1,9 @@
 """Build a runnable transformers model from a converted foreign checkpoint (see foreign.py).
 
 The model is created from its config with parameters on the meta device (buffers such as rotary tables are
-computed normally); each quantized experts module is replaced by a GMMExperts module holding the converted
-tensors; every other tensor is assigned in place. No float copy of a quantized expert is ever made.
+computed normally); every tensor that is not a quantized expert is assigned in place; then `replace_experts`
+installs GMM experts modules with the converted tensors (and runs experts modules stored in float through the
+GMM kernel too, as `replace_experts(model)` does). No float copy of a quantized expert is ever made.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from torch import nn
 
 from ..pack.format import FormatError
 from ..pack.layouts import find_experts_modules
-from ..runtime.experts import GMMExperts, GMMProjection
-from ..runtime.replace import runs_on_cpu, strip_float_experts, trim_heap
+from ..runtime.replace import replace_experts
 from .foreign import ForeignCheckpoint, config_dtype
 
 logger = logging.getLogger(__name__)
@@ -75,18 +75,17 @@ def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": model_dtype} if model_dtype else {}))
     infos = find_experts_modules(model)
-    for prefix, spec in ck.specs.items():
-        info = infos.get(prefix)
-        if info is None or info.linear_names:
-            raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
-        source = model.get_submodule(prefix)
-        projections = {p: GMMProjection.from_quantized(qw, spec.act_dtype, backend=backend) for p, qw in ck.quantized[prefix].items()}
-        strip_float_experts(source, info)
-        model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
+    wrong = sorted(p for p in ck.specs if p not in infos or infos[p].linear_names)
+    if wrong:
+        raise FormatError(f"{ck.path}: {wrong} are not fused experts modules of {type(model).__name__}")
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ck.other.items()}
     tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))  # e.g. lm_head.weight -> embed_tokens
     state = {k: v for k, v in state.items() if k not in tied}  # a tied copy on disk is the same values
-    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in ck.specs)} - tied
+
+    def quantized(name: str) -> bool:
+        return any(name.startswith(p + ".") for p in ck.specs)
+
+    expected = {k for k in model.state_dict() if not quantized(k)} - tied
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise FormatError(f"{ck.path}: checkpoint does not fit {type(model).__name__}: "
@@ -94,13 +93,12 @@ def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: 
                           f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not quantized(n)]
     if still_meta:
         raise FormatError(f"{ck.path}: no tensors for {still_meta[:10]}")
-    for module in model.modules():
-        if isinstance(module, GMMExperts) and runs_on_cpu(module, backend):
-            module.prepare()
-            trim_heap()
+    # The converted tensors go in through replace_experts, like RTN or gmmquant-checkpoint projections; it also
+    # strips the (meta) float experts, routes float experts modules through the GMM kernel and repacks for CPU.
+    replace_experts(model, None, backend=backend, act_dtype=ck.act_dtype, quantized=ck.quantized)
     logger.info("loaded %s (%s): %d quantized experts modules", ck.path, ck.format, len(ck.specs))
     return model.eval()
 
