@@ -177,6 +177,8 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
     other: dict[str, torch.Tensor] = {}
     act: Optional[torch.dtype] = None
     for path, info in modules.items():
+        if not any(f"{path}.{proj}" in pieces for proj in info.projections):
+            continue  # not stored per expert (e.g. GPT-OSS keeps float experts fused): its tensors pass through as named
         schemes: dict[str, Optional[QuantScheme]] = {}
         grid: dict[str, list[list[str]]] = {}
         for proj in info.projections:
