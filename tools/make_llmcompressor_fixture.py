@@ -5,12 +5,13 @@ Run in its own virtualenv (llm-compressor pins its own transformers and compress
     python -m venv /tmp/venv-llmc
     /tmp/venv-llmc/bin/pip install torch==2.13.0          # the CPU build first, so pip never fetches CUDA wheels
     /tmp/venv-llmc/bin/pip install llmcompressor==0.14.0.1
-    /tmp/venv-llmc/bin/python tools/make_llmcompressor_fixture.py tests/fixtures/llmc_qwen3_moe_w4a16
+    /tmp/venv-llmc/bin/python tools/make_llmcompressor_fixture.py tests/fixtures
 
 The model is built from a config with random weights (seed 0), saved as bf16, loaded back through
 transformers and linearized with llm-compressor's `linearize_moe` (fused experts -> per-expert nn.Linear),
-quantized data-free with round-to-nearest (QuantizationModifier, symmetric int4, group 32, experts only: attention,
-routers and lm_head stay bf16) and saved compressed (`pack-quantized`). The output is ~100 KB.
+quantized data-free with round-to-nearest (QuantizationModifier, symmetric int4, group 32) and saved compressed
+(`pack-quantized`): once with the experts only (attention, routers and lm_head stay bf16) and once with every
+Linear but lm_head and the routers. Each output is ~120 KB.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ def tiny_config() -> transformers.Qwen3MoeConfig:
                                        num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
 
 
-def main(out: str) -> None:
+# Two recipes: experts only, and llm-compressor's usual W4A16 recipe shape (every Linear but lm_head and routers,
+# so attention is quantized too; gmmquant dequantizes those at load time).
+IGNORE = {
+    "llmc_qwen3_moe_w4a16": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"],
+    "llmc_qwen3_moe_w4a16_all": ["lm_head", "re:.*mlp.gate$"],
+}
+
+
+def make(out: Path, ignore: list[str]) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "float"
@@ -44,21 +53,25 @@ def main(out: str) -> None:
         recipe = QuantizationModifier(
             config_groups={"group_0": {"targets": ["Linear"], "weights": {
                 "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
-            ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"],
+            ignore=ignore,
         )
         oneshot(model=model, recipe=recipe)
-        target = Path(out)
-        if target.exists():
-            shutil.rmtree(target)
-        model.save_pretrained(target, save_compressed=True)
+        if out.exists():
+            shutil.rmtree(out)
+        model.save_pretrained(out, save_compressed=True)
     for extra in ("recipe.yaml",):  # llm-compressor's own bookkeeping; not needed to load the model
-        (target / extra).unlink(missing_ok=True)
+        (out / extra).unlink(missing_ok=True)
     meta = {"llmcompressor": __import__("llmcompressor").__version__,
             "compressed_tensors": __import__("compressed_tensors").__version__,
-            "transformers": transformers.__version__, "torch": torch.__version__}
-    (target / "FIXTURE_VERSIONS.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {target}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(target.iterdir())))
+            "transformers": transformers.__version__, "torch": torch.__version__, "ignore": ignore}
+    (out / "FIXTURE_VERSIONS.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size}" for p in sorted(out.iterdir())))
+
+
+def main(fixtures_dir: str) -> None:
+    for name, ignore in IGNORE.items():
+        make(Path(fixtures_dir) / name, ignore)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/llmc_qwen3_moe_w4a16")
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
