@@ -62,9 +62,17 @@ def expert_linears(ck: QuantizedCheckpoint, naming: Naming) -> Iterator[tuple[Ex
 
 
 def module_pattern(naming: Naming, path: str, projections: Any) -> str:
-    """A `re:` pattern matching exactly the per-expert Linear names of one experts module."""
+    """A `re:` pattern matching exactly the per-expert Linear names of one experts module.
+
+    Besides the checkpoint's own names (Mixtral's `experts.{e}.w1`) it matches `experts.{e}.gate_proj` /
+    `up_proj` / `down_proj` under the same prefix: vLLM looks a fused MoE layer's scheme up under those names.
+    """
     import re
 
     token = "EXPERTINDEX"
     names = [n for proj in projections for n in naming.expert_linears(f"{path}.{proj}", [token])[0]]
-    return "re:^(" + "|".join(re.escape(n).replace(token, r"\d+") for n in names) + ")$"
+    alternatives = [re.escape(n).replace(token, r"\d+") for n in names]
+    if any(n.rsplit(".", 1)[1] not in ("gate_proj", "up_proj", "down_proj") for n in names):
+        prefixes = sorted({n.split(token)[0] for n in names})
+        alternatives += [re.escape(p) + r"\d+\.(gate_proj|up_proj|down_proj)" for p in prefixes]
+    return "re:^(" + "|".join(alternatives) + ")$"
