@@ -191,6 +191,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a gmmquant checkpoint to AscendV1 (vllm-ascend / MindIE) or compressed-tensors (vLLM)."""
+    from .interop import export_checkpoint
+    from .pack.checkpoint import load_quantized
+
+    ck = load_quantized(args.checkpoint)
+    out = export_checkpoint(args.checkpoint, args.output, args.to, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    files = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
+    size = sum(p.stat().st_size for p in files)
+    if args.to == "ascend":
+        detail = json.loads((out / "quant_model_description.json").read_text())["model_quant_type"]
+    else:
+        detail = json.loads((out / "config.json").read_text())["quantization_config"]["format"]
+    print(f"exported {args.checkpoint} -> {out} ({args.to}, {detail})")
+    print(f"{'experts module':<48}{'scheme':<18}{'experts':>8}")
+    for prefix, spec in ck.specs.items():
+        print(f"{prefix:<48}{spec.scheme.name:<18}{spec.num_experts:>8}")
+    print(f"{len(files)} safetensors file(s), {_mb(size)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmmquant", description="Quantized MoE experts on grouped-matmul kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the quantized experts")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="export a gmmquant checkpoint for vllm-ascend / MindIE (ascend) or vLLM (compressed-tensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("--to", required=True, choices=["ascend", "compressed-tensors"], help="target format (docs/INTEROP.md)")
+    p.add_argument("-o", "--output", required=True, help="directory to create")
+    p.add_argument("--max-shard-size", default="4GB", help="output shard bound")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

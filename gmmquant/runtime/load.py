@@ -61,8 +61,13 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     and everything else, including experts left in float, goes through transformers' own loading and
     checkpoint conversions.
 
+    A compressed-tensors checkpoint (llm-compressor's pack-quantized / int-quantized MoE) or an AscendV1 one
+    (msModelSlim, `quant_model_description.json`) is converted to the same GMM modules at load time, without
+    dequantizing its experts (gmmquant.interop).
+
     Args:
-        path: checkpoint directory (from `gmmquant pack`, `save_model` or `gmmquant calibrate`).
+        path: checkpoint directory (from `gmmquant pack`, `save_model` or `gmmquant calibrate`, or a
+            compressed-tensors / AscendV1 MoE checkpoint).
         device: where to put the model.
         backend: grouped_matmul backend for the experts (default: by device).
         dtype: dtype of the non-expert weights (default: as stored).
@@ -73,6 +78,10 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     """
     from transformers import AutoModelForCausalLM
 
+    from ..interop.load import detect_format, load_foreign_model  # noqa: PLC0415 - interop imports runtime
+
+    if detect_format(path) is not None:  # compressed-tensors / AscendV1: converted at load time (docs/INTEROP.md)
+        return load_foreign_model(path, device=device, backend=backend, dtype=dtype, **kwargs)
     load_quantized(path)
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
     if backend is not None:
