@@ -37,7 +37,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from gmmquant.calibrate.corpus import builtin_documents  # noqa: E402
-from gmmquant.calibrate.perplexity import perplexity, token_stream, windows  # noqa: E402
+from gmmquant.calibrate.data import token_stream  # noqa: E402
+from gmmquant.calibrate.perplexity import perplexity, windows  # noqa: E402
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"corpus: {len(train_docs)} training documents, {n_chars} chars; held-out {len(heldout_docs)} documents", flush=True)
     tokenizer = train_tokenizer(train_docs, args.vocab_size)
     vocab = len(tokenizer)
-    train_ids = torch.tensor(token_stream(tokenizer, train_docs), dtype=torch.long)
+    train_ids = token_stream(tokenizer, train_docs)
     print(f"tokenizer: vocab {vocab}; training stream {train_ids.numel()} tokens ({time.time() - t0:.1f}s)", flush=True)
 
     config = Qwen3MoeConfig(
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     saved_tok = AutoTokenizer.from_pretrained(args.out)
     ppl = perplexity(saved, saved_tok, heldout_docs, args.seq_len, args.eval_max_windows)
-    eval_windows = windows(token_stream(saved_tok, heldout_docs), args.seq_len, args.eval_max_windows)
+    eval_windows = windows(token_stream(saved_tok, heldout_docs).tolist(), args.seq_len, args.eval_max_windows)
     uni = unigram_perplexity(train_ids, eval_windows, vocab)
     load = expert_load(saved, eval_windows[:32])
     final_loss = sum(losses[-50:]) / len(losses[-50:])

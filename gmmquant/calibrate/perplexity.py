@@ -13,19 +13,9 @@ import math
 
 import torch
 
-__all__ = ["heldout_perplexity", "perplexity", "token_stream", "windows"]
+from .data import token_stream
 
-
-def token_stream(tokenizer, texts: list[str]) -> list[int]:
-    """Token ids of `texts`, each tokenized alone and followed by the eos token id."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token; perplexity() separates texts with it")
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-    return ids
+__all__ = ["heldout_perplexity", "perplexity", "windows"]
 
 
 def windows(ids: list[int], seq_len: int, max_windows: int | None = None) -> list[list[int]]:
@@ -61,7 +51,9 @@ def perplexity(
     Returns:
         exp(mean token NLL), a float.
     """
-    wins = windows(token_stream(tokenizer, texts), seq_len, max_windows)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; perplexity() separates texts with it")
+    wins = windows(token_stream(tokenizer, texts).tolist(), seq_len, max_windows)
     if not wins:
         raise ValueError("no text to score: the texts give fewer than 2 tokens")
     device = next(model.parameters()).device
