@@ -134,7 +134,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"{' ...' if len(fallbacks) > 8 else ''}")
     covered = sum(r.experts_covered for r in report.layers)
     total = sum(r.num_experts for r in report.layers)
-    print(f"experts calibrated with data: {covered}/{total}; calibration tokens: {report.num_tokens}")
+    print(f"experts that received calibration tokens: {covered}/{total}; calibration tokens: {report.num_tokens}")
     print(f"wrote {report.save.path} ({report.save.shards} shard(s), {_mb(report.save.total_bytes)}); "
           f"run it: gmmquant eval {report.save.path}")
     return 0

@@ -227,7 +227,7 @@ def test_cli_calibrate_prints_the_summary(qwen3_dir, tmp_path, capsys):
     assert "min tok" in text and "output err" in text
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 9]
     assert [r[0] for r in rows] == ["0", "1"] and all(r[1] == "8" for r in rows)
-    assert "experts calibrated with data: 16/16" in text
+    assert "experts that received calibration tokens: 16/16" in text
     assert "fell back to RTN" in text  # 4 x 32 tokens, top-2 of 8: some experts see fewer than 20
     assert load_quantized(out).specs
     assert main(["calibrate", str(qwen3_dir), "-o", str(out), "--recipe", "w8a16", "--num-samples", "2", "--seq-len", "32"]) == 2
@@ -262,3 +262,28 @@ def test_every_family_calibrates_loads_and_generates(family, tmp_path):
     if kind == "smooth" and family != "nemotron_h":  # no norm output feeds the nemotron_h MoE block as is: per-expert only
         assert all(layer.smoothing == "norm-fold+per-expert" for layer in report.layers)
     generate(tmp_path / "out")
+
+
+def test_cli_defaults_to_the_builtin_model_and_eval_compares(tmp_path, capsys):
+    """The README's demo in small: `gmmquant calibrate -o OUT` (built-in model, default recipe), then
+    `gmmquant eval` on the float model and on the checkpoint."""
+    from gmmquant.builtin import builtin_model_path
+    from gmmquant.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["calibrate", "-o", str(out), "--num-samples", "2", "--seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "the built-in model" in text and "recipe 'w8a16'" in text
+    assert load_quantized(out).config["model_type"] == "qwen3_moe"
+    assert json.loads((out / "calibration.json").read_text())["recipe"]["name"] == "w8a16"
+    assert (out / "tokenizer.json").is_file()
+    values = {}
+    for label, args in (("float", []), ("w8a16", [str(out)])):
+        assert main(["eval", *args, "--max-windows", "8"]) == 0
+        line = capsys.readouterr().out
+        assert ("(float)" if label == "float" else "(gmmquant w8a16)") in line
+        values[label] = float(line.split("perplexity ")[1].split()[0])
+    assert values["float"] < 100  # a trained model (the unigram baseline is ~800)
+    assert abs(values["w8a16"] / values["float"] - 1) < 0.01
+    assert main(["eval", str(builtin_model_path()), "--dataset", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
