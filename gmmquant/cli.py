@@ -147,18 +147,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .builtin import resolve_model
     from .calibrate.data import load_texts
     from .calibrate.perplexity import perplexity
+    from .interop.load import detect_format
     from .pack.format import QUANT_METHOD
     from .runtime import load_model
 
     path = resolve_model(args.model)
     config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
     quantized = (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-    model = load_model(path) if quantized else AutoModelForCausalLM.from_pretrained(path).eval()
+    foreign = detect_format(path)  # compressed-tensors / AscendV1 run through our runtime too
+    model = load_model(path) if quantized or foreign else AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = load_texts(args.dataset, "heldout")
     ppl = perplexity(model, tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_windows)
     schemes = sorted({m["scheme"]["name"] for m in config["quantization_config"]["modules"].values()}) if quantized else []
-    kind = f"gmmquant {', '.join(schemes)}" if quantized else "float"
+    kind = f"gmmquant {', '.join(schemes)}" if quantized else f"{foreign}, loaded by gmmquant" if foreign else "float"
     print(f"{args.model or 'builtin'} ({kind}): perplexity {ppl:.4f} on {args.dataset or 'builtin'} held-out text "
           f"(seq_len {args.seq_len}{', ' + str(args.max_windows) + ' windows' if args.max_windows else ''})")
     return 0

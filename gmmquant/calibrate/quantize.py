@@ -103,7 +103,7 @@ def quantize_experts(
             input_stats = stats.inputs[proj][e]
             if per_expert_smooth:
                 if fallback[e]:
-                    s = torch.ones(w.shape[0])
+                    s = torch.ones(w.shape[0], device=w.device)
                 else:
                     s = smoothing_factors(input_stats.absmax, w.abs().amax(dim=-1), smooth.alpha)
                 stored, factor = smooth_scale_for(s, act_dtype)
@@ -136,7 +136,7 @@ def quantize_experts(
             kinds = [k for k in result.smoothing.split("+") if k != "none"]
             result.smoothing = "+".join(dict.fromkeys(kinds + ["per-expert"]))
         if scheme.activation == "static":
-            extra["input_scale"] = _input_scales(stats, proj, fallback)
+            extra["input_scale"] = _input_scales(stats, proj, fallback).to(weights.device)
         bias = expert_bias(module, info, proj)
         result.projections[proj] = GMMProjection.from_quantized(_stack(parts, scheme), act_dtype, bias, backend, **extra)
     return result
