@@ -40,8 +40,8 @@ def main() -> None:
         src = Path(tmp) / "model"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", BUILD, str(args.layers), str(args.experts), str(args.hidden),
-                        str(args.intermediate), str(src)], check=True, capture_output=True)
-        for name in TOKENIZER_FILES:  # any vocabulary fits: the model's vocab (1024) is larger than used ids
+                        str(args.intermediate), str(src), "4096"], check=True, capture_output=True)
+        for name in TOKENIZER_FILES:  # the built-in model's tokenizer (vocabulary 4096, as built above)
             if (builtin_model_path() / name).is_file():
                 shutil.copy(builtin_model_path() / name, src / name)
         print(f"built {src} in {time.perf_counter() - t0:.0f} s: {dir_size(src) / 2**20:.0f} MiB on disk")

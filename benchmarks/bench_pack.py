@@ -34,7 +34,8 @@ BUILD = r"""
 import sys, torch, json
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 layers, experts, hidden, inter, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-config = Qwen3MoeConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inter,
+vocab = int(sys.argv[6]) if len(sys.argv) > 6 else 1024
+config = Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inter,
                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8,
                         num_experts=experts, num_experts_per_tok=8, dtype="bfloat16")
 torch.set_default_dtype(torch.bfloat16)

@@ -199,6 +199,16 @@ def test_model_without_experts_and_empty_dataset_write_nothing(tmp_path, qwen3_d
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    from tiny_models import byte_level_tokenizer
+
+    src = save_tiny_model(tmp_path / "m", qwen3_moe_config(vocab_size=300))
+    byte_level_tokenizer(384).save_pretrained(src)  # ids up to 383 for a 300-token embedding
+    with pytest.raises(DatasetError, match="outside the model's vocabulary of 300"):
+        calibrate_model(src, tmp_path / "out", load_recipe("w8a16", **FAST))
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_that_does_not_divide_k_is_refused_before_loading(tmp_path):
     src = save_tiny_model(tmp_path / "m", qwen3_moe_config(hidden_size=96, head_dim=24, moe_intermediate_size=64))
     with pytest.raises(ValueError, match="group_size 128 does not divide K=96"):

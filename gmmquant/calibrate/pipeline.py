@@ -40,7 +40,7 @@ from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..recipes import Recipe, load_recipe
 from ..runtime.experts import GMMExperts, GMMProjection
 from ..runtime.replace import NoExpertsError
-from .data import calibration_ids, load_texts
+from .data import DatasetError, calibration_ids, load_texts
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
@@ -186,7 +186,7 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
     inputs = [s for s in stats.inputs[first] if s.absmax is not None]
     if not inputs:
         return None
-    fold = find_norm_fold(layer, block, module, lambda: check())
+    fold = find_norm_fold(layer, block, module, check)
     if fold is None:
         logger.info("%s: no norm to fold SmoothQuant into; using per-expert smooth scales", rel_path)
         return None
@@ -369,6 +369,10 @@ def calibrate_model(
     cal = recipe.calibration
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids = calibration_ids(tokenizer, load_texts(cal.dataset, "train"), cal.num_samples, cal.seq_len, cal.seed)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise DatasetError(f"{src}: its tokenizer produced token id {int(ids.max())}, outside the model's vocabulary "
+                           f"of {vocab}; the tokenizer files do not belong to this model")
     batches = list(ids.split(cal.batch_size))
 
     with tempfile.TemporaryDirectory(prefix="gmmquant-offload-") as offload_dir:
