@@ -21,6 +21,7 @@ readers replaced). The checkpoint is written atomically: an error anywhere leave
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import statistics
@@ -39,7 +40,7 @@ from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules,
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..recipes import Recipe, load_recipe
 from ..runtime.experts import GMMExperts, GMMProjection
-from ..runtime.replace import NoExpertsError
+from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
 from .data import DatasetError, calibration_ids, load_texts
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
@@ -166,6 +167,7 @@ def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, devi
 def _install(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, result: ModuleResult) -> None:
     source = layer.get_submodule(rel_path)
     layer.set_submodule(rel_path, GMMExperts(source, info, result.projections, canonical_order=True))
+    strip_float_experts(source, info)  # the GMM module keeps the source's gate function, not its weights
 
 
 def _projection_tensors(path: str, proj: str, p: GMMProjection) -> dict[str, Tensor]:
@@ -430,7 +432,9 @@ def calibrate_model(
                     for proj, p in result.projections.items():
                         yield from _projection_tensors(f"{prefix}.{rel}", proj, p).items()
                 layers[i] = nn.Module()  # free the layer: its tensors are written
-                del results
+                del results, layer
+                gc.collect()  # modules hold reference cycles (bound methods, hooks): free the layer now
+                trim_heap()  # and hand its pages back, so the peak stays one layer, not the sum
 
         def all_tensors() -> Iterator[tuple[str, Tensor]]:
             yield from layer_tensors()
