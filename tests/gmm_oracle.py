@@ -102,6 +102,12 @@ def dequant_weight(w, aq_scale, aq_offset):
     return ((q + o) if o is not None else q) * s
 
 
+def dequant_stacked(qw):
+    """float64 `[E, K, N]` (q + offset) * scale of a stacked QuantizedWeight, expert by expert."""
+    offset = qw.offset if qw.offset is not None else [None] * qw.qweight.shape[0]
+    return torch.stack([dequant_weight(q, s, o) for q, s, o in zip(qw.qweight, qw.scale, offset)])
+
+
 def matmul_oracle(x, w, *, bias=None, scale=None, aq_scale=None, aq_offset=None, pts=None, act_type=0):
     """One group in float64, per DESIGN.md section 3."""
     xf = x.to(torch.float64)

@@ -14,6 +14,8 @@ from gmmquant.kernels import unpack_int4
 from gmmquant.pack import get_scheme, minmax, quant_range, quantize, quantize_weight
 from gmmquant.pack.primitives import stored_qparams
 
+from gmm_oracle import dequant_stacked
+
 K, N, M = 128, 64, 512
 BF16 = torch.bfloat16
 
@@ -59,13 +61,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, qw) -> float:
     return float((x.double() @ (w.double() - qw.dequantize(torch.float64)[0])).norm())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to spin-waiting on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- accumulate_hessian
 
@@ -242,15 +238,7 @@ def test_codes_in_range_and_dequantize_exactly(name, act_order):
     qmin, qmax = quant_range(scheme.weight_bits, scheme.symmetric)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
     # (q - zero_point) * scale in float64 from the stored tensors == the kernel-side dequantization
-    s = qw.scale.double()
-    zp = None if qw.offset is None else -qw.offset.double()
-    if s.dim() == 3:
-        rows = K // s.shape[1]
-        s = s.repeat_interleave(rows, dim=1)
-        zp = None if zp is None else zp.repeat_interleave(rows, dim=1)
-    else:
-        s, zp = s.unsqueeze(1), None if zp is None else zp.unsqueeze(1)
-    ref = (q.double() - zp) * s if zp is not None else q.double() * s
+    ref = dequant_stacked(qw)
     assert torch.equal(qw.dequantize(torch.float32).double(), ref)
     assert torch.equal(qw.dequantize(torch.float64), ref)
 

@@ -24,13 +24,7 @@ SCHEMES = [
 IDS = ["w8a16", "w4a16", "w4a16-sym", "w4a16-g32", "w4a16-g32-sym", "w8a8-dynamic"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to spin-waiting on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def weights(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

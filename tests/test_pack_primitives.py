@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmm_oracle import TOLERANCES, unpack_int4_oracle
+from gmm_oracle import TOLERANCES, dequant_stacked, unpack_int4_oracle
 from gmmquant.kernels import dynamic_quant, grouped_matmul
 from gmmquant.pack import (
     PRESETS,
@@ -39,19 +39,6 @@ def weights(kind: str, seed: int = 0) -> torch.Tensor:
     return w
 
 
-def dequant_oracle(qw) -> torch.Tensor:
-    """float64 (q + offset) * scale from the stored tensors, with the oracle's own int4 unpacking."""
-    q = unpack_int4_oracle(qw.qweight) if qw.qweight.dtype == torch.int32 else qw.qweight.to(torch.int64)
-    q = q.to(torch.float64)
-    s = qw.scale.to(torch.float64)
-    o = None if qw.offset is None else qw.offset.to(torch.float64)
-    if s.dim() == 3:
-        rows = K // s.shape[1]
-        s = s.repeat_interleave(rows, dim=1)
-        o = None if o is None else o.repeat_interleave(rows, dim=1)
-    else:
-        s, o = s.unsqueeze(1), None if o is None else o.unsqueeze(1)
-    return (q + o) * s if o is not None else q * s
 
 
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
@@ -60,13 +47,13 @@ def dequant_oracle(qw) -> torch.Tensor:
 def test_dequantized_within_half_a_step(name, kind, act_dtype):
     w = weights(kind)
     qw = quantize_weight(w, get_scheme(name), act_dtype)
-    err = (dequant_oracle(qw) - w.double()).abs()
+    err = (dequant_stacked(qw) - w.double()).abs()
     bound = error_bound(qw).double()
     assert bool((err <= bound * (1 + 1e-6) + 1e-12).all()), f"max excess {float((err - bound).max()):.3e}"
-    assert torch.equal(qw.dequantize().double(), dequant_oracle(qw).float().double())
+    assert torch.equal(qw.dequantize().double(), dequant_stacked(qw).float().double())
     if kind == "constant-rows" and not get_scheme(name).symmetric:
         # an asymmetric grid with 0 and the constant inside it represents the constant to half a step
-        assert float((dequant_oracle(qw)[:, :, 5] - 0.3).abs().max()) <= float(bound[:, :, 5].max())
+        assert float((dequant_stacked(qw)[:, :, 5] - 0.3).abs().max()) <= float(bound[:, :, 5].max())
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -95,7 +82,7 @@ def test_grouped_matmul_on_packed_equals_x_times_dequantized(name, act_dtype, ba
     g = torch.Generator().manual_seed(2)
     x = torch.randn(sum(COUNTS), K, generator=g).to(act_dtype)
     common = dict(group_list=torch.tensor(COUNTS), group_list_type=1, group_type=0, split_item=2, backend=backend)
-    w64 = dequant_oracle(qw)
+    w64 = dequant_stacked(qw)
     if s.weight_only:
         (y,) = grouped_matmul([x], [qw.qweight], **qw.gmm_kwargs(), **common)
         x64 = x.double()
