@@ -88,7 +88,7 @@ def quantize_experts(
     scheme = recipe.quant_scheme()
     smooth = recipe.smoothquant
     data_needed = recipe.needs_activation_statistics
-    result = ModuleResult(path, {}, stats.routed.tolist(), smoothing="norm-fold" if gate_up_folded else "none")
+    result = ModuleResult(path, {}, stats.routed.tolist())
     first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
     for proj in info.projections:
         weights = expert_weight(module, info, proj)
@@ -133,12 +133,12 @@ def quantize_experts(
         extra = {}
         if smooth_rows:
             extra["smooth_scale"] = torch.stack(smooth_rows)
-            kinds = [k for k in result.smoothing.split("+") if k != "none"]
-            result.smoothing = "+".join(dict.fromkeys(kinds + ["per-expert"]))
         if scheme.activation == "static":
             extra["input_scale"] = _input_scales(stats, proj, fallback).to(weights.device)
         bias = expert_bias(module, info, proj)
         result.projections[proj] = GMMProjection.from_quantized(_stack(parts, scheme), act_dtype, bias, backend, **extra)
+    kinds = ["norm-fold"] * gate_up_folded + ["per-expert"] * any(p.smooth_scale is not None for p in result.projections.values())
+    result.smoothing = "+".join(kinds) or "none"
     return result
 
 
