@@ -297,3 +297,14 @@ def test_cli_defaults_to_the_builtin_model_and_eval_compares(tmp_path, capsys):
     assert abs(values["w8a16"] / values["float"] - 1) < 0.01
     assert main(["eval", str(builtin_model_path()), "--dataset", str(tmp_path / "nope.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_list_experts_are_refused_by_the_observer():
+    from gmmquant.calibrate.stats import ExpertsObserver
+    from gmmquant.pack.layouts import find_experts_modules
+    from test_runtime import OldStyleMoE
+
+    block = OldStyleMoE()
+    (path, info), = find_experts_modules(block).items()
+    with pytest.raises(ValueError, match="nn.ModuleList of experts is not supported"):
+        ExpertsObserver(block.get_submodule(path), info, all_experts=False, hessian=False)

@@ -360,7 +360,8 @@ def calibrate_model(
                              f"the experts modules ({sorted(all_modules)[:3]}...)")
     for path, info in targets.items():
         if info.linear_names:
-            raise NotImplementedError(f"{path}: calibrating an nn.ModuleList of experts is not supported; use transformers >= 5")
+            raise ValueError(f"{path}: calibrating an nn.ModuleList of experts (transformers 4 / remote-code layout) is not "
+                             "supported; load the model with transformers >= 5, whose MoE families fuse their experts")
         for proj, (k, n) in info.projections.items():
             scheme.check_shape(k, n, f"{path}.{proj}")
     layers_path, skeleton_layers = decoder_layers(skeleton, list(targets))

@@ -85,7 +85,7 @@ class ExpertsObserver:
 
     def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool, inputs: bool = True):
         if info.linear_names:
-            raise NotImplementedError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
+            raise ValueError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
         self.module, self.info, self.all_experts, self.inputs = module, info, all_experts, inputs
         e = info.num_experts
