@@ -93,10 +93,6 @@ class CalibrationReport:
         }
 
 
-class _StopForward(Exception):
-    pass
-
-
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during the capture pass: records its call, returns its input."""
 

@@ -87,7 +87,7 @@ class ExpertsObserver:
         if info.linear_names:
             raise ValueError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
-        self.module, self.info, self.all_experts, self.inputs = module, info, all_experts, inputs
+        self.info, self.all_experts, self.inputs = info, all_experts, inputs
         e = info.num_experts
         self.stats = ExpertsStats(e, torch.zeros(e, dtype=torch.int64),
                                   {p: [InputStats(want_hessian=hessian) for _ in range(e)] for p in info.projections})
