@@ -9,12 +9,13 @@ from .errors import GMMContractError
 from .grouped_matmul import grouped_matmul, select_backend
 from .int4 import pack_int4, unpack_int4
 from .plan import GMMPlan, Mode
-from .quant_ops import decode_quant_param, dynamic_quant, trans_quant_param
+from .quant_ops import a8w4_scale_bias, decode_quant_param, dynamic_quant, trans_quant_param
 
 __all__ = [
     "GMMContractError",
     "GMMPlan",
     "Mode",
+    "a8w4_scale_bias",
     "antiquant_dequantize",
     "check_grouped_matmul",
     "decode_quant_param",

@@ -1,4 +1,9 @@
-"""Weight-only dequantization: the one place that fixes the sign of the antiquant offset."""
+"""Weight-only dequantization: the one place that fixes the sign of the antiquant offset.
+
+`antiquant_dequantize` is the quantization math (any dtype, float32 by default). `npu_antiquant_weight`
+is what npu_grouped_matmul multiplies by in its weight-only mode: the same formula, rounded to the
+activation dtype the way the NPU rounds it (docs/KERNELS.md, "Numerics").
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,13 @@ import torch
 from torch import Tensor
 
 from .int4 import unpack_int4
+
+
+def _expand(param: Tensor, q: Tensor) -> Tensor:
+    """Broadcast a per-channel `[..., N]` or per-group `[..., G, N]` parameter over q's `[..., K, N]`."""
+    if param.dim() == q.dim():  # per-group: each group's row covers K / G rows of the weight
+        return param.repeat_interleave(q.shape[-2] // param.shape[-2], dim=-2)
+    return param.unsqueeze(-2)
 
 
 def antiquant_dequantize(
@@ -35,13 +47,40 @@ def antiquant_dequantize(
     q = q.to(dtype)
     scale = antiquant_scale.to(dtype)
     offset = None if antiquant_offset is None else antiquant_offset.to(dtype)
-    if scale.dim() == q.dim():  # per-group: expand each group's row over its K / G rows of the weight
-        rows = q.shape[-2] // scale.shape[-2]
-        scale = scale.repeat_interleave(rows, dim=-2)
-        offset = None if offset is None else offset.repeat_interleave(rows, dim=-2)
-    else:
-        scale = scale.unsqueeze(-2)
-        offset = None if offset is None else offset.unsqueeze(-2)
+    scale = _expand(scale, q)
     if offset is not None:
-        q = q + offset
+        q = q + _expand(offset, q)
     return q * scale
+
+
+def npu_antiquant_weight(
+    weight: Tensor,
+    antiquant_scale: Tensor,
+    antiquant_offset: Optional[Tensor],
+    x_dtype: torch.dtype,
+) -> Tensor:
+    """The dequantized weight npu_grouped_matmul's weight-only mode multiplies x by, in x's dtype.
+
+    The NPU dequantizes in the activation dtype (upstream's A16W4 golden):
+      - float16: `w16 = q.to(fp16)`, `w16 = w16 + offset` (rounded to fp16), `w16 = w16 * scale` (rounded);
+      - bfloat16: `(q + offset) * scale` in float32, rounded to bf16 once.
+    The matmul then accumulates in float32 and the output is rounded once.
+
+    Args:
+        weight: `[..., K, N]` int8 or `[..., K, N/8]` int32 (packed int4).
+        antiquant_scale / antiquant_offset: `[..., N]` or `[..., G, N]` in x_dtype (offset may be None).
+        x_dtype: torch.float16 or torch.bfloat16.
+
+    Returns:
+        `[..., K, N]` tensor of x_dtype.
+    """
+    q = unpack_int4(weight) if weight.dtype == torch.int32 else weight
+    if x_dtype == torch.float16:
+        w = q.to(torch.float16)
+        if antiquant_offset is not None:
+            w = w + _expand(antiquant_offset.to(torch.float16), q)
+        return w * _expand(antiquant_scale.to(torch.float16), q)
+    w = q.to(torch.float32)
+    if antiquant_offset is not None:
+        w = w + _expand(antiquant_offset.float(), q)
+    return (w * _expand(antiquant_scale.float(), q)).to(x_dtype)

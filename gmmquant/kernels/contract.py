@@ -168,6 +168,10 @@ def check_grouped_matmul(
     mode, out_dtype, weight_bits = _resolve_dtypes(
         xs, ws, api, group_type, bias, scale, antiquant_scale, antiquant_offset, per_token_scale, output_dtype, x_single, w_single
     )
+    if mode is Mode.QUANT_A8W4 and group_list_type != 1:
+        # vllm-ascend turns cumulative group lists into counts before every A8W4 call, and upstream's A8W4
+        # golden uses counts: the form known to run on the kernel.
+        _fail("a8w4.group_list_type", f"A8W4 needs group_list_type 1 (counts per expert), got {group_list_type}")
     if act_type != 0 and mode is not Mode.QUANT_PER_TOKEN:
         _fail("act_type.per_token_only", f"act_type {act_type} ({ACT_TYPES[act_type]}) is only supported with per-token full quant (per_token_scale given); this call is {mode.value}")
     if group_type == 2 and bias is not None:
@@ -178,7 +182,7 @@ def check_grouped_matmul(
         _check_tuning_config(tuning_config, mode, x_single, w_single)
 
     k, n = _check_shapes(xs, ws, api, group_type, x_single, w_single, single_output, weight_bits)
-    _check_param_shapes(ws, w_single, n, k, bias, scale, antiquant_scale, antiquant_offset, weight_bits)
+    _check_param_shapes(ws, w_single, n, k, bias, scale, antiquant_scale, antiquant_offset, weight_bits, mode is Mode.QUANT_A8W4)
 
     plan_groups, output_shapes, group_sizes = _plan_groups(
         xs, ws, api, group_list, group_type, group_list_type, x_single, w_single, single_output, n, read_group_list
@@ -326,6 +330,9 @@ def _resolve_dtypes(
                 _fail("bias.dtype", f"bias must be one of {[_dtype_name(d) for d in legal]} for {mode_name}, got {_dtype_name(bd)}")
         return mode, out_ok(mode_name, allowed_out, y), 8
 
+    if xd == torch.int8 and wd == torch.int32:
+        return _resolve_a8w4(api, group_type, bd, sd, aqsd, aqod, ptsd, output_dtype, none_for)
+
     if xd in (torch.float16, torch.bfloat16) and wd in (torch.int8, torch.int32):
         bits = 8 if wd == torch.int8 else 4
         mode_name = f"weight-only int{bits} with {_dtype_name(xd)} x"
@@ -347,6 +354,37 @@ def _resolve_dtypes(
     _fail("dtype.table", f"x {_dtype_name(xd)} with weight {_dtype_name(wd)} is not a row of the spec's dtype tables "
           "(float x with the same float weight, int8 x with int8 weight, or float16/bfloat16 x with int8 / int32-packed int4 weight)")
     raise AssertionError("unreachable")
+
+
+A8W4_OUT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _resolve_a8w4(api: str, group_type: Optional[int], bd: Optional[torch.dtype], sd: Optional[torch.dtype],
+                  aqsd: Optional[torch.dtype], aqod: Optional[torch.dtype], ptsd: Optional[torch.dtype],
+                  output_dtype: Optional[torch.dtype], none_for: Any) -> tuple[Mode, torch.dtype, int]:
+    """int8 x with int32-packed int4 weights: the A8W4 mode that vllm-ascend's W4A8_DYNAMIC MoE runs.
+
+    Rules (docs/KERNELS.md "A8W4"): Tensor API with group_type 0, an int64 scale (float32 bits in the low
+    32 bits, as npu_trans_quant_param or a raw bit view writes them), an optional float32 bias, an optional
+    float32 per_token_scale, output_dtype float16 or bfloat16.
+    """
+    mode_name = "A8W4 (int8 x, int4 weight)"
+    if api == "list":
+        _fail("a8w4.tensor_api", "int8 x with int32-packed int4 weights (A8W4) needs a Tensor group_list and group_type 0, not a List[int]")
+    if group_type != 0:
+        _fail("a8w4.group_type", f"A8W4 supports group_type 0 (M-axis grouping) only, got {group_type}")
+    none_for(mode_name, antiquant_scale=aqsd, antiquant_offset=aqod)
+    if sd is None:
+        _fail("scale.required", "A8W4 needs an int64 scale (float32 weight scales encoded by trans_quant_param)")
+    if sd != torch.int64:
+        _fail("scale.dtype", f"A8W4 takes an int64 scale (float32 bits, see trans_quant_param), got {_dtype_name(sd)}")
+    if bd is not None and bd != torch.float32:
+        _fail("bias.dtype", f"A8W4 takes a float32 bias (it carries 8 * sum_k(w * scale), see a8w4_scale_bias), got {_dtype_name(bd)}")
+    if ptsd is not None and ptsd != torch.float32:
+        _fail("per_token_scale.dtype", f"per_token_scale must be float32, got {_dtype_name(ptsd)}")
+    if output_dtype not in A8W4_OUT_DTYPES:
+        _fail("output_dtype.table", f"A8W4 needs output_dtype float16 or bfloat16, got {_dtype_name(output_dtype)}")
+    return Mode.QUANT_A8W4, output_dtype, 4
 
 
 def _check_tuning_config(tuning_config: Any, mode: Mode, x_single: bool, w_single: bool) -> None:
@@ -414,9 +452,13 @@ def _check_shapes(
 
 def _check_param_shapes(
     ws: list[Tensor], w_single: bool, n: list[int], k: list[int], bias: Any, scale: Any,
-    antiquant_scale: Any, antiquant_offset: Any, weight_bits: int,
+    antiquant_scale: Any, antiquant_offset: Any, weight_bits: int, a8w4: bool = False,
 ) -> None:
-    """Per-weight parameter lists: one tensor per weight, shaped [N] (or [E, N] for a 3-D weight)."""
+    """Per-weight parameter lists: one tensor per weight, shaped [N] (or [E, N] for a 3-D weight).
+
+    An A8W4 scale may also be per group: [E, G, N] ([G, N] per 2-D weight) with G dividing K; G = 1 is
+    the per-channel form vllm-ascend passes for its down projection.
+    """
     experts = ws[0].shape[0] if w_single else None
     for name, values in (("bias", bias), ("scale", scale)):
         if values is None:
@@ -425,7 +467,15 @@ def _check_param_shapes(
             _fail(f"{name}.len", f"{name} has {len(values)} tensors; it needs one per weight tensor ({len(ws)})")
         for i, t in enumerate(values):
             want = (experts, n[i]) if w_single else (n[i],)
+            if a8w4 and name == "scale" and t.dim() == len(want) + 1 and tuple(t.shape[:-2]) == want[:-1] and t.shape[-1] == n[i]:
+                groups = t.shape[-2]
+                if groups == 0 or k[i] % groups:
+                    _fail("scale.a8w4_group_divides_k", f"scale[{i}] has {groups} quant groups, which does not divide K={k[i]}")
+                continue
             if tuple(t.shape) != want:
+                if a8w4 and name == "scale":
+                    lead = list(want[:-1])
+                    _fail("scale.shape", f"A8W4 scale[{i}] must be {lead + [n[i]]} (per channel) or {lead + ['G', n[i]]} (per group, G divides K={k[i]}), got {list(t.shape)}")
                 _fail(f"{name}.shape", f"{name}[{i}] must have shape {list(want)} (one value per output channel), got {list(t.shape)}")
     if antiquant_scale is None:  # _resolve_dtypes already refused an offset without a scale
         return

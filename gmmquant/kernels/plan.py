@@ -25,6 +25,8 @@ class Mode(enum.Enum):
     QUANT_PER_TOKEN = "per-token full quant"  # y = (x @ w + b) * scale * per_token_scale
     QUANT_INT32 = "int8 matmul, int32 output"  # y = x @ w (+ b), no scale
     ANTIQUANT = "weight-only quant"  # y = x @ ((w + antiquant_offset) * antiquant_scale) + b
+    # int8 x, int4 w: y = ((x - 8) @ (w * scale) + b) * per_token_scale; b carries 8 * sum_k(w * scale)
+    QUANT_A8W4 = "A8W4 full quant"
 
 
 class Group(NamedTuple):
@@ -50,7 +52,7 @@ class Group(NamedTuple):
 class Operands:
     """Tensors of one group, all views of the caller's tensors.
 
-    x: [m, k]; weight: [k, n] (int4: int32 [k, n/8]); bias / scale: [n]; antiquant_scale /
+    x: [m, k]; weight: [k, n] (int4: int32 [k, n/8]); bias / scale: [n] (A8W4 scale: [n] or [G, n]); antiquant_scale /
     antiquant_offset: [n] (per-channel) or [G, n] (per-group); per_token_scale: [m] float32.
     """
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import GMMContractError
-from .int4 import pack_int4
+from .int4 import pack_int4, unpack_int4
 
 _FP19_MASK = 0xFFFFE000  # keep sign, exponent and the top 10 mantissa bits of a float32
 _SCALE_FLAG = 1 << 46  # set by npu_trans_quant_param on every encoded value
@@ -146,3 +146,27 @@ def decode_quant_param(encoded: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     if not bool(offset.any()):
         return scale, None
     return scale, offset.to(torch.float32)
+
+
+def a8w4_scale_bias(weight: Tensor, scale: Tensor) -> Tensor:
+    """The float32 bias an A8W4 grouped matmul needs: `8 * sum_k(w[k, n] * scale[k // (K/G), n])`.
+
+    The NPU's A8W4 mode splits each int8 activation into two int4 halves, `x = 16 * (x >> 4) + (x & 15)`,
+    and offsets the low half by -8 to make it a signed int4, so it computes `(x - 8) @ (w * scale)`;
+    this bias restores `x @ (w * scale)`. It is what vllm-ascend builds for llm-compressor W4A8 checkpoints
+    and what msModelSlim stores as `scale_bias`.
+
+    Args:
+        weight: `[..., K, N/8]` int32 (packed int4) or `[..., K, N]` int8 values in [-8, 7].
+        scale: float32 `[..., N]` (per channel) or `[..., G, N]` (per group), or their int64 encoding.
+
+    Returns:
+        `[..., N]` float32.
+    """
+    q = unpack_int4(weight) if weight.dtype == torch.int32 else weight
+    s = decode_quant_param(scale)[0] if scale.dtype == torch.int64 else scale.float()
+    if s.dim() == q.dim() - 1:
+        s = s.unsqueeze(-2)
+    k, groups = q.shape[-2], s.shape[-2]
+    per_group = q.reshape(*q.shape[:-2], groups, k // groups, q.shape[-1]).to(torch.float32).sum(dim=-2)
+    return 8.0 * (per_group * s).sum(dim=-2)

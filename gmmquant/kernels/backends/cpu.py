@@ -1,34 +1,44 @@
-"""The cpu backend: PyTorch's fastest CPU kernels for each mode, the reference formulas elsewhere.
+"""The cpu backend: PyTorch's fastest CPU kernels for each mode, in the NPU's order of operations.
 
-- float, single x and 3-D weight in expert order: `F.grouped_mm` (one call for all experts);
-  other float calls: one `torch.mm` per non-empty group.
-- weight-only int8, per-channel: `aten._weight_int8pack_mm` on each expert's `[N, K]` matrix (free when the
-  weight is the transposed view of `[E, N, K]` storage, else a cached copy), plus a rank-1 correction
-  `rowsum(x) * (offset * scale)` for an asymmetric offset.
-- weight-only int4: `aten._weight_int4pack_mm_for_cpu` on the CPU's int4 layout; per-channel scales are
-  expanded to the largest supported group size (32-256) that divides K.
-- int8 x int8 with a scale: `aten._weight_int8pack_mm` on `x_q * per_token_scale` (float32), which equals
-  `(x_q @ w) * scale * per_token_scale` and is far faster than `torch._int_mm` here; the raw int32 output
-  mode (`output_dtype=torch.int32`) uses `torch._int_mm`, which is exact.
+Every path gives what `reference` gives (docs/KERNELS.md "Numerics") to within one ulp of the output
+dtype, with one documented exception (small-M weight-only, below):
+- float, single x and 3-D weight in expert order, no bias: `F.grouped_mm` (one call for all experts);
+  other float calls: one `torch.mm` per non-empty group; a bias is added in float32 before the one rounding.
+- int8 x int8 (per-channel, per-token, int32 output): `torch._int_mm` gives the exact int32 accumulator,
+  then the reference's float32 epilogue (oneDNN's VNNI/AMX int8 GEMM: faster than the int8 weight-only
+  kernels at every M measured, and free of their half-precision intermediate).
+- A8W4: the reference's split-and-accumulate order with `torch._int_mm` for the integer products, on a
+  cached unpacked int8 copy of each expert's weight.
+- weight-only, at least `EXACT_MIN_ROWS` rows per expert: the weight dequantized in the activation dtype
+  as the NPU does (`npu_antiquant_weight`), then one half-precision GEMM (float32 accumulation).
+- weight-only, fewer rows (decode): the fused `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`
+  kernels, which keep the dequantized weight in float32 instead of rounding it to the activation dtype;
+  the deviation is bounded by that rounding (docs/KERNELS.md). `GMMQUANT_CPU_NUMERICS=npu` runs the exact
+  path at every M.
 Repacked weights are cached per (weight tensor, expert) and rebuilt if the tensor changes in place; they
 are never written to disk. Empty groups cost nothing.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..int4 import INT4_SHIFTS
+from ..antiquant import npu_antiquant_weight
+from ..int4 import INT4_SHIFTS, unpack_int4
 from ..plan import GMMPlan, Group, Mode, Operands
-from ..quant_ops import decode_quant_param
 from . import reference
 from .float_grouped import float_grouped_mm
 
 INT4_CPU_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+NUMERICS_ENV = "GMMQUANT_CPU_NUMERICS"  # "npu": exact weight-only rounding at every M; "auto" (default)
+# Weight-only groups with at least this many rows take the exact dequantize-then-GEMM path. Below it the
+# fused int kernels are several times faster (a decode step reads the weight once, in its packed form).
+EXACT_MIN_ROWS = 32
 
 _cache: dict[tuple, tuple[tuple, Tensor]] = {}
 
@@ -60,10 +70,26 @@ def clear_cache() -> None:
 
 
 def _float_group(op: Operands, out_dtype: torch.dtype) -> Tensor:
-    y = op.x @ op.weight
-    if op.bias is not None:
-        y = (y.float() + op.bias.float()).to(out_dtype)
-    return y
+    if op.bias is None:
+        return op.x @ op.weight  # float32 accumulation, one rounding
+    # The bias joins the float32 accumulator before the one rounding (a half-precision mm would round first).
+    return (op.x.float() @ op.weight.float() + op.bias.float()).to(out_dtype)
+
+
+def exact_weight_only() -> bool:
+    """True when weight-only calls must round the weight as the NPU does at every M ($GMMQUANT_CPU_NUMERICS=npu)."""
+    value = os.environ.get(NUMERICS_ENV, "auto")
+    if value not in ("auto", "npu"):
+        raise ValueError(f"${NUMERICS_ENV} must be 'auto' or 'npu', got {value!r}")
+    return value == "npu"
+
+
+def _weight_only_exact(plan: GMMPlan, op: Operands) -> Tensor:
+    """`x @ w16` with `w16` dequantized in x's dtype as the NPU does; float32 accumulation, one rounding."""
+    w = npu_antiquant_weight(op.weight, op.antiquant_scale, op.antiquant_offset, op.x.dtype)
+    if op.bias is None:
+        return op.x @ w
+    return (op.x.float() @ w.float() + op.bias.float()).to(plan.out_dtype)
 
 
 def _int8_nk(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
@@ -143,30 +169,15 @@ def _int4_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
 
 
 def _int8_full_quant(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
-    if plan.mode is Mode.QUANT_INT32:  # the raw accumulator must be exact: integer matmul
-        acc = torch._int_mm(op.x, op.weight if op.weight.stride(-1) == 1 else op.weight.contiguous())
-        return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
-    # (x_q @ w) * scale * per_token_scale == (x_q * per_token_scale) @ (w * scale): the int8 weight-only
-    # kernel computes the right-hand side in float32 and is ~15x faster than torch._int_mm on CPU.
-    w_nk = _int8_nk(plan, g, op)
-    if op.scale.dtype == torch.int64:
-        scale, offset = decode_quant_param(op.scale)
-    else:
-        scale, offset = op.scale.float(), None
-    row_scale = None if op.per_token_scale is None else op.per_token_scale.float().unsqueeze(-1)
-    k = op.x.shape[1]
-    if plan.out_dtype in (torch.bfloat16, torch.float16) and k % 8 == 0:
-        # int8 values are exact in bf16/fp16 and the kernel accumulates in float32; its half-precision
-        # kernels are ~10x faster than the float32 one here. The per-token scale is applied afterwards.
-        y = torch.ops.aten._weight_int8pack_mm(op.x.to(plan.out_dtype), w_nk, scale.to(plan.out_dtype)).float()
-        if row_scale is not None:
-            y = y * row_scale
-    else:  # int8 output: keep the accumulator in float32 so rounding to int8 matches the exact formula
-        x = op.x.float() if row_scale is None else op.x.float() * row_scale
-        y = torch.ops.aten._weight_int8pack_mm(x, w_nk, scale.contiguous())
-    if op.bias is not None and op.bias.dtype == torch.int32:  # (acc + b) * s * pts
-        y = y + op.bias.float() * scale * (1.0 if row_scale is None else row_scale)
-    return reference.finish_quant(y, offset, op, plan.act_type, plan.out_dtype)
+    # torch._int_mm is exact; the epilogue is the reference's, so the result is the reference's bit for bit.
+    acc = torch._int_mm(op.x, op.weight if op.weight.stride(-1) == 1 or op.weight.stride(-2) == 1 else op.weight.contiguous())
+    return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
+
+
+def _a8w4(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
+    owner = plan.weights[g.w_index]
+    q = cached_repack(owner, g.expert, "int8_values", (owner,), lambda: unpack_int4(op.weight).contiguous())
+    return reference.a8w4_group(op.x, q, op.scale, op.bias, op.per_token_scale, plan.out_dtype, int_matmul=torch._int_mm)
 
 
 def compute_group(plan: GMMPlan, g: Group) -> Tensor:
@@ -174,9 +185,13 @@ def compute_group(plan: GMMPlan, g: Group) -> Tensor:
     if plan.mode is Mode.FLOAT:
         return _float_group(op, plan.out_dtype)
     if plan.mode is Mode.ANTIQUANT:
+        if g.size >= EXACT_MIN_ROWS or exact_weight_only():
+            return _weight_only_exact(plan, op)
         if plan.weight_bits == 8:
             return _int8_weight_only(plan, g, op)
         return _int4_weight_only(plan, g, op)
+    if plan.mode is Mode.QUANT_A8W4:
+        return _a8w4(plan, g, op)
     return _int8_full_quant(plan, g, op)
 
 

@@ -22,12 +22,10 @@ def _aligned_for_grouped_mm(*tensors: Tensor) -> bool:
 def float_grouped_mm(plan: GMMPlan) -> Optional[Tensor]:
     """All experts in one F.grouped_mm call, or None when the call does not fit it."""
     x, w = plan.x, plan.weight
-    if not plan.experts_in_order or x.shape[0] == 0 or not _aligned_for_grouped_mm(x, w):
+    # A bias must join the float32 accumulator before the one rounding; grouped_mm rounds first.
+    if plan.bias is not None or not plan.experts_in_order or x.shape[0] == 0 or not _aligned_for_grouped_mm(x, w):
         return None
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return None
     sizes = torch.tensor(plan.group_sizes, device=x.device)
-    y = F.grouped_mm(x, w, offs=sizes.cumsum(0).to(torch.int32))
-    if plan.bias is not None:
-        y = (y.float() + plan.bias[0].float().repeat_interleave(sizes, dim=0)).to(plan.out_dtype)
-    return y
+    return F.grouped_mm(x, w, offs=sizes.cumsum(0).to(torch.int32))

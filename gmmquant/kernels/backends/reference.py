@@ -1,8 +1,9 @@
-"""The reference backend: the GMM formulas of DESIGN.md section 3, written plainly, on any device.
+"""The reference backend: the GMM formulas of DESIGN.md section 3 in the NPU's order of operations.
 
-Every group is computed on its own in float32 (float64 for the exact int8 x int8 accumulator), then cast
-to the output dtype once, as the NPU does. It is slow and simple on purpose: it is what the fast backends
-are tested against.
+Each scenario follows docs/KERNELS.md "Numerics" (and the upstream golden cited there): integer products
+are exact (float64 accumulator), epilogues run in float32, the weight-only weight is dequantized in the
+activation dtype, A8W4 accumulates its quant groups in float16, and every output is rounded once. It is
+slow and simple on purpose: it is what the fast backends are tested against.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..activations import apply_activation
-from ..antiquant import antiquant_dequantize
+from ..antiquant import npu_antiquant_weight
+from ..int4 import unpack_int4
 from ..plan import GMMPlan, Mode, Operands
 from ..quant_ops import decode_quant_param
 
@@ -60,6 +62,53 @@ def finish_quant(y: Tensor, offset: Optional[Tensor], op: Operands, act_type: in
     return finish_int8_output(y) if out_dtype == torch.int8 else y.to(out_dtype)
 
 
+def split_int8_for_int4(x: Tensor) -> Tensor:
+    """`[m, k]` int8 -> `[2m, k]` int8: rows `x >> 4` then rows `(x & 15) - 8`, both in [-8, 7].
+
+    `16 * hi + lo == x - 8`: how the NPU feeds int8 activations to its int4 x int4 cube unit in A8W4 mode.
+    """
+    return torch.cat([x >> 4, (x & 15) - 8])
+
+
+def a8w4_group(
+    x: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    per_token_scale: Optional[Tensor],
+    out_dtype: torch.dtype,
+    int_matmul=int8_accumulate,
+) -> Tensor:
+    """One A8W4 group in upstream's golden order (op-plugin test_npu_grouped_matmul, A8W4 golden).
+
+    Per quant group j: `p = int_matmul(x2[:, j], q[j])` (exact int32), `acc16 = fp16(acc16 + fp16(p * s_j))`,
+    separately for the high and low halves of x (`split_int8_for_int4`); then in float32
+    `y = (16 * acc_hi + acc_lo + bias) * per_token_scale`, rounded once to out_dtype.
+
+    Args:
+        x: `[m, K]` int8. q: `[K, N]` int8 values in [-8, 7] (unpacked weight).
+        scale: `[N]` or `[G, N]` int64 (float32 bits in the low 32 bits).
+        bias: `[N]` float32 or None. per_token_scale: `[m]` float32 or None.
+        int_matmul: exact int8 x int8 -> int32 `[a, k] @ [k, n]` (the cpu backend passes torch._int_mm).
+    """
+    s = decode_quant_param(scale)[0]
+    s = s.unsqueeze(0) if s.dim() == 1 else s
+    m, k = x.shape
+    span = k // s.shape[0]
+    x2 = split_int8_for_int4(x)
+    acc = torch.zeros(2 * m, q.shape[1], dtype=torch.float16, device=x.device)
+    for j in range(s.shape[0]):
+        cols = slice(j * span, (j + 1) * span)
+        p = int_matmul(x2[:, cols], q[cols])
+        acc = acc + (p.to(torch.float32) * s[j]).to(torch.float16)
+    y = acc[:m].to(torch.float32) * 16 + acc[m:].to(torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    if per_token_scale is not None:
+        y = y * per_token_scale.float().unsqueeze(-1)
+    return y.to(out_dtype)
+
+
 def compute_group(plan: GMMPlan, op: Operands) -> Tensor:
     """One group's `[m, n]` output."""
     if plan.mode is Mode.FLOAT:
@@ -68,11 +117,13 @@ def compute_group(plan: GMMPlan, op: Operands) -> Tensor:
             y = y + op.bias.float()
         return y.to(plan.out_dtype)
     if plan.mode is Mode.ANTIQUANT:
-        w = antiquant_dequantize(op.weight, op.antiquant_scale, op.antiquant_offset)
-        y = op.x.float() @ w
+        w = npu_antiquant_weight(op.weight, op.antiquant_scale, op.antiquant_offset, op.x.dtype)
+        y = op.x.float() @ w.float()
         if op.bias is not None:
             y = y + op.bias.float()
         return y.to(plan.out_dtype)
+    if plan.mode is Mode.QUANT_A8W4:
+        return a8w4_group(op.x, unpack_int4(op.weight), op.scale, op.bias, op.per_token_scale, plan.out_dtype)
     acc = int8_accumulate(op.x, op.weight)
     return quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
 
