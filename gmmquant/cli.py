@@ -110,9 +110,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a HF MoE model with a recipe and write a gmmquant checkpoint."""
     from .recipes import load_recipe
 
-    # The recipe is checked before anything else is imported or read.
+    # The recipe (and the target engine's rule) is checked before anything else is imported or read.
     recipe = load_recipe(args.recipe, dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len,
                          seed=args.seed, all_experts=args.all_experts, min_tokens=args.min_tokens)
+    if args.symmetric is not None:
+        import dataclasses
+
+        from .recipes import validate
+
+        recipe = validate(dataclasses.replace(recipe, symmetric=args.symmetric))
+    from .interop.engines import get_engine
+
+    get_engine(args.target).check(recipe.quant_scheme(), smoothquant=recipe.smoothquant is not None)
     from .builtin import resolve_model
     from .calibrate.pipeline import calibrate_model
 
@@ -166,11 +175,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_foreign(path: str, fmt: str, show_all: bool) -> int:
+    """Describe an AscendV1 or compressed-tensors directory and validate it by converting it as load_model does."""
+    from .interop import read_checkpoint
+    from .interop.foreign import safetensors_files
+    from .pack.checkpoint import read_header
+    from .pack.format import FormatError
+
+    root = Path(path)
+    if fmt == "ascend":
+        desc = json.loads((root / "quant_model_description.json").read_text())
+        types = sorted({v for k, v in desc.items() if isinstance(v, str) and "." in k})
+        detail = (f"AscendV1 (msModelSlim layout; vllm-ascend / MindIE): model_quant_type {desc.get('model_quant_type')}, "
+                  f"version {desc.get('version')}, group_size {desc.get('group_size')}, tensor types {types}")
+    else:
+        qc = json.loads((root / "config.json").read_text())["quantization_config"]
+        detail = f"compressed-tensors (vLLM): format {qc.get('format')}, config groups {sorted(qc.get('config_groups', {}))}"
+    print(f"{root}: {detail}")
+    try:
+        headers = {}
+        for file in safetensors_files(root):
+            headers.update(read_header(file))
+        ck = read_checkpoint(root)
+    except FormatError as err:
+        print(f"INVALID: {err}")
+        return 1
+    for prefix, spec in ck.specs.items():
+        shapes = ", ".join(f"{p} K={k} N={n}" for p, (k, n) in spec.projections.items())
+        print(f"  {prefix}: {spec.scheme.name} (E={spec.num_experts}; {shapes})")
+    print(f"{'tensor':<60}{'dtype':>10}{'shape':>22}")
+    expert_tensors = 0
+    for name, (dtype, shape) in sorted(headers.items()):
+        expert = ".experts." in name
+        expert_tensors += expert
+        if show_all or expert:
+            print(f"{name:<60}{str(dtype).replace('torch.', ''):>10}{str(list(shape)):>22}")
+    print(f"{len(headers)} tensors ({expert_tensors} expert tensors); {len(ck.specs)} quantized experts modules "
+          f"convert to gmmquant's kernel layout, activations {str(ck.act_dtype).replace('torch.', '')}; validation: OK")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Describe a gmmquant checkpoint and validate it."""
+    """Describe a gmmquant, AscendV1 or compressed-tensors checkpoint and validate it."""
+    from .interop.load import detect_format
     from .pack.checkpoint import load_quantized
     from .pack.format import FormatError
 
+    fmt = detect_format(args.checkpoint)
+    if fmt is not None:
+        return _inspect_foreign(args.checkpoint, fmt, args.all)
     try:
         ck = load_quantized(args.checkpoint)
     except FormatError as err:
@@ -247,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-experts", dest="all_experts", action="store_true", default=None,
                    help="every expert's statistics see every token (outputs still use the real routing)")
     p.add_argument("--min-tokens", type=int, default=None, help="experts with fewer tokens fall back to RTN")
+    p.add_argument("--target", choices=["hf", "vllm", "vllm-ascend"], default="hf",
+                   help="engine that will serve the result: refuse, before loading the model, a recipe it cannot run "
+                        "for MoE experts (docs/INTEROP.md)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points (overrides the recipe)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points (overrides the recipe)")
     p.add_argument("--device", default="cpu", help="compute device of the current layer (cpu, cuda, npu)")
     p.add_argument("--no-offload", action="store_true", help="load the whole model in memory instead of layer by layer")
     p.add_argument("--max-shard-size", default="2GB")
@@ -260,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("inspect", help="describe and validate a gmmquant checkpoint")
+    p = sub.add_parser("inspect", help="describe and validate a gmmquant, AscendV1 or compressed-tensors checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the quantized experts")
     p.set_defaults(func=cmd_inspect)

@@ -46,22 +46,15 @@ PRIORITY = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W4A16")
 
 
 def quant_type(scheme: QuantScheme) -> str:
-    """The AscendV1 type string of a gmmquant scheme, or FormatError saying why no MoE loader could take it."""
+    """The AscendV1 type string of a gmmquant scheme, or FormatError saying why vllm-ascend's MoE loader could
+    not take it (the rule of `gmmquant calibrate --target vllm-ascend`, interop/engines.py)."""
+    from .engines import ENGINES
+
+    why = ENGINES["vllm-ascend"].refusal(scheme)
+    if why is not None:
+        raise FormatError(f"{why} (rule: `export --to ascend` writes only what vllm-ascend's MoE loader runs)")
     if scheme.activation == "dynamic":
-        return "W8A8_DYNAMIC"
-    if scheme.activation == "static":
-        raise FormatError(f"scheme {scheme.name!r}: W8A8 static experts cannot be exported to AscendV1 (rule: vllm-ascend "
-                          "runs W8A8 static for linear layers only, and msModelSlim's static form needs per-Linear "
-                          "deq_scale / quant_bias no MoE loader reads); re-pack with w8a8-dynamic")
-    if scheme.weight_bits == 8:
-        return "W8A16"
-    if not scheme.symmetric:
-        raise FormatError(f"scheme {scheme.name!r}: asymmetric W4A16 cannot be exported to AscendV1 (rule: vllm-ascend's "
-                          "W4A16 MoE method builds all-zero weight offsets and never loads them, so a zero point would be "
-                          "silently dropped); re-pack with --symmetric")
-    if scheme.group_size is None:
-        raise FormatError(f"scheme {scheme.name!r}: per-channel W4A16 cannot be exported to AscendV1 (rule: vllm-ascend's "
-                          "W4A16 MoE method takes per-group scales with one global group_size)")
+        return "W4A8_DYNAMIC" if scheme.weight_bits == 4 else "W8A8_DYNAMIC"
     return "W4A16"
 
 
