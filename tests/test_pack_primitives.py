@@ -66,7 +66,7 @@ def test_packed_tensors_have_the_gmm_layout(name):
         assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == (E, K, N)
     want = (E, K // s.group_size, N) if s.group_size else (E, N)
     assert qw.scale.shape == want
-    assert qw.scale.dtype == torch.bfloat16
+    assert qw.scale.dtype == (torch.float32 if s.a8w4 else torch.bfloat16)  # W4A8: float32, int64-encoded per call
     assert (qw.offset is None) == s.symmetric
     if qw.offset is not None:
         assert qw.offset.shape == want and qw.offset.dtype == torch.bfloat16
@@ -140,7 +140,8 @@ def test_quantize_saturates():
         (dict(name="x", weight_bits=8, group_size=128), "int8 weight-only supports per-channel only"),
         (dict(name="x", weight_bits=3), "weight_bits must be 4 or 8"),
         (dict(name="x", weight_bits=4, group_size=48), "group_size must be None"),
-        (dict(name="x", weight_bits=4, activation="dynamic"), "int8 activations need int8 weights"),
+        (dict(name="x", weight_bits=4, activation="static"), "A8W4\\) take per-token dynamic activations only"),
+        (dict(name="x", weight_bits=4, activation="dynamic", symmetric=False), "must be symmetric"),
         (dict(name="x", weight_bits=8, activation="dynamic", symmetric=False), "must be symmetric"),
         (dict(name="x", weight_bits=8, activation="static", group_size=32), "per-channel only"),
         (dict(name="x", weight_bits=8, activation="sometimes"), "activation must be one of"),

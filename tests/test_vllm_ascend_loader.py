@@ -34,6 +34,9 @@ EXPORTS = {
     "w8a8-dynamic": ("w8a8-dynamic", {}, "AscendW8A8DynamicFusedMoEMethod", []),
     # vllm-ascend's W4A16 MoE creates zero offsets and never loads them (why export refuses asymmetric W4A16)
     "w4a16-g32-sym": ("w4a16-g32", {"symmetric": True}, "AscendW4A16FusedMoEMethod", ["w13_weight_offset", "w2_weight_offset"]),
+    # msModelSlim's "1.0.0" layouts: per channel (group_size 0) and two-level per group
+    "w4a8-dynamic": ("w4a8-dynamic", {}, "AscendW4A8DynamicFusedMoEMethod", []),
+    "w4a8-dynamic-g32": ("w4a8-dynamic-g32", {}, "AscendW4A8DynamicFusedMoEMethod", []),
 }
 
 

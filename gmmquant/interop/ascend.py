@@ -42,7 +42,7 @@ DESCRIPTION = "quant_model_description.json"
 SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_offset", "weight_shape", "bias")
 FLOAT = "FLOAT"
 # msModelSlim records the lowest-bit type present as model_quant_type.
-PRIORITY = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W4A16")
+PRIORITY = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W4A16", "W4A8_DYNAMIC")
 
 
 def quant_type(scheme: QuantScheme) -> str:
@@ -58,9 +58,68 @@ def quant_type(scheme: QuantScheme) -> str:
     return "W4A16"
 
 
-def linear_tensors(base: str, codes: LinearCodes, qtype: str) -> dict[str, torch.Tensor]:
+ROW_PARALLEL = ("down_proj", "w2")  # msModelSlim splits these Linears' scale_bias into TP_SLICES K-slices
+TP_SLICES = 16
+
+
+def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
+    """`[N, K]` int4 codes -> `[N/2, K]` int8, two codes per byte along N: row r holds output 2r in the low
+    nibble and 2r+1 in the high one (msModelSlim's W4A8 / per-group W4A16 packing, which vllm-ascend views as
+    int32 words of 8 codes: exactly gmmquant's int4 layout once transposed)."""
+    if q.shape[0] % 2:
+        raise FormatError(f"two int4 per byte along N needs N even, got N={q.shape[0]}")
+    q = q.to(torch.int16) & 0xF  # two's complement nibbles, in [0, 15]
+    return (q[0::2] | (q[1::2] << 4)).to(torch.uint8).view(torch.int8).contiguous()
+
+
+def unpack_int4_pairs(packed: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Inverse of `pack_int4_pairs` along `dim` (0: `[N/2, K]` -> `[N, K]`; 1: `[N, K/2]` -> `[N, K]`), sign-extended."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    low, high = b & 0xF, b >> 4
+    low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=dim + 1).flatten(dim, dim + 1).to(torch.int8)
+
+
+def w4a8_tensors(base: str, codes: LinearCodes, group_size: Optional[int]) -> dict[str, torch.Tensor]:
+    """msModelSlim's W4A8_DYNAMIC "version 1.0.0" tensors of one expert nn.Linear, as vllm-ascend's
+    `AscendW4A8DynamicFusedMoEMethod` reads them.
+
+    Per group, the stored scale (float16 values) is written as msModelSlim's two levels: `weight_scale` the
+    per-channel maximum, `weight_scale_second` the per-group ratio, so that `fp16(weight_scale *
+    weight_scale_second)`, what vllm-ascend multiplies and casts, gives back the stored scale exactly.
+    `scale_bias` is the A8W4 bias `8 * sum_k(q * scale)`; for row-parallel Linears (down_proj) it is split into
+    TP_SLICES partial sums over K slices (any TP size dividing 16 takes its own slices), as msModelSlim does.
+    """
+    n, k = codes.q.shape
+    scale = codes.scale.float()  # [N, G]
+    full = scale.repeat_interleave(k // scale.shape[1], dim=1)  # [N, K]
+    contrib = codes.q.float() * full
+    if base.rsplit(".", 1)[-1] in ROW_PARALLEL:
+        if k % TP_SLICES:
+            raise FormatError(f"{base}: K={k} must be a multiple of {TP_SLICES} for the row-parallel scale_bias slices")
+        scale_bias = 8 * contrib.reshape(n, TP_SLICES, k // TP_SLICES).sum(dim=2)
+    else:
+        scale_bias = 8 * contrib.sum(dim=1, keepdim=True)
+    out = {f"{base}.weight": pack_int4_pairs(codes.q)}
+    if group_size is None:
+        out.update({f"{base}.weight_scale": scale.contiguous(), f"{base}.weight_offset": torch.zeros(n, 1)})
+    else:
+        first = scale.amax(dim=1, keepdim=True)
+        second = scale / first
+        if not torch.equal((first * second).to(torch.float16).float(), scale):
+            raise FormatError(f"{base}: the per-group scale does not factor exactly into msModelSlim's two levels")
+        out.update({f"{base}.weight_scale": first.contiguous(), f"{base}.weight_offset": torch.zeros(n, 1),
+                    f"{base}.weight_scale_second": second.contiguous(),
+                    f"{base}.weight_offset_second": torch.zeros(n, scale.shape[1], dtype=torch.int64)})
+    out[f"{base}.scale_bias"] = scale_bias.contiguous()
+    return out
+
+
+def linear_tensors(base: str, codes: LinearCodes, qtype: str, group_size: Optional[int] = None) -> dict[str, torch.Tensor]:
     """AscendV1 tensors of one expert nn.Linear (see the module docstring)."""
     n, k = codes.q.shape
+    if qtype == "W4A8_DYNAMIC":
+        return w4a8_tensors(base, codes, group_size)
     if qtype == "W4A16":
         return {f"{base}.weight_packed": pack_offset_binary(codes.q, 4), f"{base}.weight_scale": codes.scale.contiguous(),
                 f"{base}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
@@ -89,9 +148,11 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
     for prefix, spec in ck.specs.items():
         check_exportable(spec, "AscendV1", naming)
         types[prefix] = quant_type(spec.scheme)
-    group_sizes = {s.scheme.group_size for p, s in ck.specs.items() if types[p] == "W4A16"}
+    # vllm-ascend's W4A16 and W4A8_DYNAMIC MoE methods both read the one global group_size (0: per channel)
+    group_sizes = {s.scheme.group_size or 0 for p, s in ck.specs.items() if types[p] in ("W4A16", "W4A8_DYNAMIC")}
     if len(group_sizes) > 1:
-        raise FormatError(f"W4A16 experts use group sizes {sorted(group_sizes)}; AscendV1 records one global group_size "
+        raise FormatError(f"int4 experts use group sizes {sorted(group_sizes)} (0: per channel); AscendV1 records one "
+                          "global group_size that vllm-ascend's W4A16 and W4A8_DYNAMIC methods both read "
                           "(rule: quant_model_description.json 'group_size')")
     description: dict[str, Any] = {}
     float_modules = float_experts_modules(ck, AutoConfig.for_model(**{k: v for k, v in ck.config.items() if k != "quantization_config"}))
@@ -101,7 +162,7 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
             description[name] = FLOAT
             yield name, t
         for spec, base, codes in expert_linears(ck, naming):
-            for name, t in linear_tensors(base, codes, types[spec.prefix]).items():
+            for name, t in linear_tensors(base, codes, types[spec.prefix], spec.scheme.group_size).items():
                 description[name] = types[spec.prefix]
                 yield name, t
 

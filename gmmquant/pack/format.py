@@ -8,6 +8,7 @@ model path `P` (e.g. `model.layers.0.mlp.experts`) stores, for each projection `
     P.p.antiquant_scale    [E, N] | [E, K/g, N]   activation dtype        (weight-only schemes)
     P.p.antiquant_offset   like antiquant_scale                          (asymmetric only; = -zero_point)
     P.p.weight_scale       [E, N] bfloat16 (bf16 models) | float32 (fp16) (W8A8 schemes)
+                           [E, N] | [E, K/g, N] float32                  (W4A8: FP19 values; per group also fp16)
     P.p.input_scale        [E] float32                                    (W8A8 static)
     P.p.smooth_scale       [E, K] activation dtype                        (optional, W8A8 SmoothQuant)
     P.p.bias               [E, N] float32 (bf16 models) | float16          (experts with bias)
@@ -76,6 +77,8 @@ class ExpertsSpec:
                 out[f"{base}.antiquant_scale"] = (self.act_dtype, param_shape)
                 if not s.symmetric:
                     out[f"{base}.antiquant_offset"] = (self.act_dtype, param_shape)
+            elif s.a8w4:  # float32 (the kernel takes it int64-encoded, see primitives.a8w4_kwargs)
+                out[f"{base}.weight_scale"] = (torch.float32, param_shape)
             else:
                 out[f"{base}.weight_scale"] = (w8a8_scale_dtype(self.act_dtype), (e, n))
                 if s.activation == "static":
@@ -160,6 +163,17 @@ def kernel_check(spec: ExpertsSpec) -> list[str]:
             kwargs["antiquant_scale"] = [meta("antiquant_scale")]
             if not s.symmetric:
                 kwargs["antiquant_offset"] = [meta("antiquant_offset")]
+        elif s.a8w4:
+            if spec.has_bias:
+                problems.append(f"{spec.prefix}.{proj}: W4A8 experts cannot carry a bias (the A8W4 call's bias is the "
+                                "scale_bias the mode needs, added before the per-token scale)")
+                continue
+            x = torch.empty(0, k, dtype=torch.int8, device="meta")
+            scale = meta("weight_scale")
+            kwargs.update(scale=[torch.empty(scale.shape, dtype=torch.int64, device="meta")],
+                          bias=[torch.empty(spec.num_experts, expected[f"{spec.prefix}.{proj}.qweight"][1][2] * 8,
+                                            dtype=torch.float32, device="meta")],
+                          per_token_scale=[torch.empty(0, dtype=torch.float32, device="meta")], output_dtype=spec.act_dtype)
         else:
             x = torch.empty(0, k, dtype=torch.int8, device="meta")
             scale = meta("weight_scale")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import antiquant_dequantize, pack_int4
+from ..kernels import a8w4_scale_bias, antiquant_dequantize, pack_int4, trans_quant_param
 from .schemes import QuantScheme
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -124,8 +124,33 @@ def w8a8_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
 
 
 def stored_scale_dtype(scheme: QuantScheme, act_dtype: torch.dtype) -> torch.dtype:
-    """dtype a scheme's scale (and offset) is stored in: act_dtype (weight-only) or w8a8_scale_dtype (W8A8)."""
-    return act_dtype if scheme.weight_only else w8a8_scale_dtype(act_dtype)
+    """dtype a scheme's scale (and offset) is stored in: act_dtype (weight-only), float32 (W4A8: the kernel
+    takes it as an int64-encoded float32), else w8a8_scale_dtype (W8A8)."""
+    if scheme.weight_only:
+        return act_dtype
+    return torch.float32 if scheme.a8w4 else w8a8_scale_dtype(act_dtype)
+
+
+def round_scale_up_fp19(scale: Tensor) -> Tensor:
+    """float32 `scale` rounded up to FP19 (float32 with the low 13 mantissa bits zero), the precision the NPU's
+    int64-encoded quantization scales carry (`trans_quant_param`)."""
+    bits = scale.float().contiguous().view(torch.int32)
+    cut = (bits & ~0x1FFF).view(torch.float32)
+    return torch.where(cut < scale, (bits.bitwise_and(~0x1FFF) + 0x2000).view(torch.float32), cut)
+
+
+def stored_scale(scale: Tensor, scheme: QuantScheme, act_dtype: torch.dtype) -> Tensor:
+    """A float32 scale as a checkpoint stores it: rounded UP (the clip range must still fit) to the values the
+    kernel sees, in `stored_scale_dtype`.
+
+    W4A8 scales reach the kernel as int64-encoded float32 with 13 mantissa bits cut (FP19); per-group ones are
+    also rounded to float16 first by Ascend's loaders (vllm-ascend's W4A8_DYNAMIC, which multiplies the two
+    msModelSlim levels and casts to float16). Restricting W4A8 scales to those values makes every reader
+    (gmmquant, vllm-ascend, the NPU) multiply by exactly the stored scale.
+    """
+    if scheme.a8w4:
+        return round_scale_up_fp19(round_scale_up(scale, torch.float16).float() if scheme.group_size else scale.float())
+    return round_scale_up(scale, stored_scale_dtype(scheme, act_dtype))
 
 
 def stored_qparams(wmin: Tensor, wmax: Tensor, scheme: QuantScheme, act_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
@@ -143,10 +168,10 @@ def stored_qparams(wmin: Tensor, wmax: Tensor, scheme: QuantScheme, act_dtype: t
         (scale in `stored_scale_dtype(scheme, act_dtype)`, int32 zero point or None if symmetric), wmin's shape.
     """
     scale, zero_point = choose_qparams(wmin, wmax, scheme.weight_bits, scheme.symmetric)
-    stored_scale = round_scale_up(scale, stored_scale_dtype(scheme, act_dtype))
+    stored = stored_scale(scale, scheme, act_dtype)
     if zero_point is not None:  # refit the zero point to the scale actually stored
-        zero_point = zero_point_for(wmin, stored_scale, scheme.weight_bits)
-    return stored_scale, zero_point
+        zero_point = zero_point_for(wmin, stored, scheme.weight_bits)
+    return stored, zero_point
 
 
 @dataclass
@@ -156,7 +181,9 @@ class QuantizedWeight:
     Attributes:
         qweight: `[E, K, N]` int8, or `[E, K, N/8]` int32 (packed int4).
         scale: weight-only: `antiquant_scale` `[E, N]` / `[E, K/g, N]` in the activation dtype;
-            W8A8: the full-quant `scale` `[E, N]` (bf16 for bf16 models, float32 for fp16).
+            W8A8: the full-quant `scale` `[E, N]` (bf16 for bf16 models, float32 for fp16);
+            W4A8: float32 `[E, N]` / `[E, K/g, N]` (per group: float16 values), encoded for the kernel by
+            `gmm_kwargs`.
         offset: `antiquant_offset` (= -zero_point), scale's shape and dtype; None if symmetric.
         scheme: how it was made.
     """
@@ -177,7 +204,17 @@ class QuantizedWeight:
             if self.offset is not None:
                 kwargs["antiquant_offset"] = [self.offset]
             return kwargs
+        if self.scheme.a8w4:
+            return a8w4_kwargs(self.qweight, self.scale)
         return {"scale": [self.scale]}
+
+
+def a8w4_kwargs(qweight: Tensor, scale: Tensor) -> dict[str, list[Tensor]]:
+    """The A8W4 grouped_matmul's weight-side arguments for int32-packed int4 weights and float32 scales:
+    `scale` int64 (`trans_quant_param` of the float32 scale, same shape) and the float32 `bias` the mode needs
+    (`a8w4_scale_bias`, `[E, N]`)."""
+    encoded = trans_quant_param(scale.float().reshape(-1)).reshape(scale.shape)  # the op takes [t]: flatten, restore
+    return {"scale": [encoded], "bias": [a8w4_scale_bias(qweight, scale.float())]}
 
 
 def quantize_weight(
@@ -211,11 +248,11 @@ def quantize_weight(
         wmin = clip_min.float()
     if clip_max is not None:
         wmax = clip_max.float()
-    stored_scale, zero_point = stored_qparams(wmin, wmax, scheme, act_dtype)
-    q = quantize(w, stored_scale.float(), zero_point, scheme.weight_bits, scheme.group_size)
+    scale, zero_point = stored_qparams(wmin, wmax, scheme, act_dtype)
+    q = quantize(w, scale.float(), zero_point, scheme.weight_bits, scheme.group_size)
     qweight = pack_int4(q) if scheme.weight_bits == 4 else q
-    offset = None if zero_point is None else antiquant_offset(zero_point, stored_scale.dtype)
-    return QuantizedWeight(qweight=qweight, scale=stored_scale, offset=offset, scheme=scheme)
+    offset = None if zero_point is None else antiquant_offset(zero_point, scale.dtype)
+    return QuantizedWeight(qweight=qweight, scale=scale, offset=offset, scheme=scheme)
 
 
 def error_bound(qw: QuantizedWeight) -> Tensor:

@@ -46,18 +46,25 @@ class QuantScheme:
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise SchemeError(f"scheme {self.name!r}: group_size must be None (per-channel) or one of {GROUP_SIZES}, got {self.group_size!r}")
         if self.activation != "none":
-            if self.weight_bits != 8:
-                raise SchemeError(f"scheme {self.name!r}: int8 activations need int8 weights (the kernel has no W4A8 row)")
-            if self.group_size is not None:
+            if self.weight_bits == 4 and self.activation != "dynamic":
+                raise SchemeError(f"scheme {self.name!r}: int4 weights with int8 activations (A8W4) take per-token "
+                                  "dynamic activations only (the kernel's A8W4 mode needs per_token_scale)")
+            if self.weight_bits == 8 and self.group_size is not None:
                 raise SchemeError(f"scheme {self.name!r}: W8A8 is per-channel only (full-quant scale is [E, N])")
             if not self.symmetric:
-                raise SchemeError(f"scheme {self.name!r}: W8A8 weights must be symmetric (the kernel's offset must be None)")
+                raise SchemeError(f"scheme {self.name!r}: W8A8 / W4A8 weights must be symmetric (the kernel has no "
+                                  "weight offset in full-quant modes)")
         elif self.weight_bits == 8 and self.group_size is not None:
             raise SchemeError(f"scheme {self.name!r}: int8 weight-only supports per-channel only; per-group needs int4")
 
     @property
     def weight_only(self) -> bool:
         return self.activation == "none"
+
+    @property
+    def a8w4(self) -> bool:
+        """int8 per-token activations with int4 weights: the GMM's A8W4 mode (W4A8_DYNAMIC on Ascend)."""
+        return self.activation == "dynamic" and self.weight_bits == 4
 
     def check_shape(self, k: int, n: int, what: str = "weight") -> None:
         """Refuse a `[.., K, N]` weight this scheme cannot pack into a kernel-legal checkpoint."""
@@ -92,6 +99,10 @@ def _presets() -> dict[str, QuantScheme]:
     }
     for g in GROUP_SIZES:
         presets[f"w4a16-g{g}"] = QuantScheme(f"w4a16-g{g}", 4, g, symmetric=False)
+    # int4 weights (symmetric), int8 per-token activations: per channel, or per group (msModelSlim's two-level form)
+    presets["w4a8-dynamic"] = QuantScheme("w4a8-dynamic", 4, None, symmetric=True, activation="dynamic")
+    for g in GROUP_SIZES:
+        presets[f"w4a8-dynamic-g{g}"] = QuantScheme(f"w4a8-dynamic-g{g}", 4, g, symmetric=True, activation="dynamic")
     return presets
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
-from ..pack.primitives import bias_dtype
+from ..pack.primitives import a8w4_kwargs, bias_dtype
 from ..pack.format import ExpertsSpec
 from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
 
@@ -97,8 +97,20 @@ class GMMProjection(nn.Module):
             xq, pts = dynamic_quant(x, smooth_scales=self.smooth_scale, group_index=ends)
         else:
             xq, pts = dynamic_quant(x)
+        if self.scheme.a8w4:  # int64 scale + the mode's scale_bias, derived from the stored tensors once
+            return grouped_matmul([xq], [self.qweight], per_token_scale=[pts], output_dtype=self.act_dtype,
+                                  **self._a8w4_kwargs(), **common)[0]
         return grouped_matmul([xq], [self.qweight], scale=[self.weight_scale], per_token_scale=[pts], bias=bias,
                               output_dtype=self.act_dtype, **common)[0]
+
+    def _a8w4_kwargs(self) -> dict[str, list[Tensor]]:
+        """`scale` (int64) and `bias` (float32 scale_bias) of the A8W4 call, cached while the stored tensors stay."""
+        key = (self.qweight, self.weight_scale)
+        cached = getattr(self, "_a8w4_cache", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            cached = (key, a8w4_kwargs(self.qweight, self.weight_scale))
+            self._a8w4_cache = cached
+        return cached[1]
 
     def prepare(self) -> None:
         """Load-time work for the cpu backend: int8 weights move to `[E, N, K]` storage (still an `[E, K, N]`
