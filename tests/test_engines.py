@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 # What each engine runs for MoE experts (docs/INTEROP.md's table); the vllm-ascend column is what
 # tests/test_vllm_ascend_loader.py runs through vllm-ascend's own loader.
 RUNS = {
-    "vllm-ascend": {"w8a8-dynamic", "w4a16-g32-sym", "w4a16-g64-sym", "w4a16-g128-sym", "w4a16-g256-sym"},
+    "vllm-ascend": {"w8a8-dynamic", "w8a8-static", "w4a16-g32-sym", "w4a16-g64-sym", "w4a16-g128-sym", "w4a16-g256-sym"},
     "vllm": {"w8a16", "w8a16-asym", "w4a16", "w4a16-sym", "w8a8-dynamic"}
             | {f"w4a16-g{g}{s}" for g in (32, 64, 128, 256) for s in ("", "-sym")},
 }

@@ -180,7 +180,6 @@ def test_ascend_layout_and_sign(checkpoints, scheme, tmp_path):
 @pytest.mark.parametrize("to,scheme,rule", [
     ("ascend", "w4a16-g32", "asymmetric W4A16"),
     ("ascend", "w4a16", "asymmetric W4A16"),
-    ("ascend", "w8a8-static", "W8A8 static"),
     ("ascend", "w8a16", "W8A16 experts: vllm-ascend registers W8A16 for linear layers only"),
     ("compressed-tensors", "w8a8-static", "dynamic per-token"),
 ])

@@ -53,6 +53,8 @@ REAL_MODULES = ("vllm_ascend.quantization.quant_type", "vllm_ascend.quantization
                 "vllm_ascend.quantization.modelslim_config", "vllm_ascend.ops.fused_moe.moe_mlp",
                 "vllm_ascend.device.device_op")
 REAL_PACKAGES = ("vllm_ascend.quantization.methods",)
+# vLLM's qwen3_moe load_weights: expert tensors with these endings are skipped when the layer has no such parameter
+IGNORE_SUFFIXES = (".bias", "_bias", ".weight_scale", "_weight_scale", ".input_scale", "_input_scale")
 FUSED_MOE_METHODS = ("_load_per_tensor_weight_scale", "_load_combined_w13_weight_scale",
                      "_load_model_weight_or_group_weight_scale", "_load_per_channel_weight_scale", "_get_hidden_dim",
                      "_narrow_expert_data_for_padding", "_load_w13", "_load_w2", "_load_single_value", "_load_g_idx",
@@ -368,15 +370,16 @@ def read_dir(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torc
 
 
 def load_experts(sb: types.SimpleNamespace, path: Path, prefix: str, *, num_experts: int, hidden_size: int,
-                 intermediate_size: int, params_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, set[str], list[str]]:
+                 intermediate_size: int, params_dtype: torch.dtype = torch.bfloat16) -> types.SimpleNamespace:
     """Build the FusedMoE layer `prefix` (e.g. `model.layers.0.mlp.experts`) from an AscendV1 directory.
 
     Runs, in vLLM's order: the quant config's `get_quant_method`, `create_weights`, the weight loader for
     every checkpoint tensor of the layer (qwen3_moe's expert mapping loop), `process_weights_after_loading`.
 
     Returns:
-        (layer, names of the checkpoint tensors under `prefix.` that were loaded, names of the layer's
-        parameters that no checkpoint tensor filled: they keep what `create_weights` put there).
+        namespace: `layer`; `consumed`, the checkpoint tensors under `prefix.` that the weight loader took;
+        `skipped`, those vLLM's model loop skips (names ending in IGNORE_SUFFIXES with no parameter);
+        `unfilled`, the layer's parameters no tensor filled (they keep what `create_weights` put there).
 
     Raises:
         AssertionError: a tensor of the layer in the checkpoint that no parameter takes.
@@ -395,7 +398,7 @@ def load_experts(sb: types.SimpleNamespace, path: Path, prefix: str, *, num_expe
     params = {parent + "experts." + n: p for n, p in layer.named_parameters()}
     mapping = sb.FusedMoE.make_expert_params_mapping(layer, "gate_proj", "down_proj", "up_proj", num_experts)
     filled: dict[str, int] = {}
-    consumed = set()
+    consumed, skipped = set(), set()
     for name, tensor in tensors.items():
         if not name.startswith(prefix + "."):
             continue
@@ -403,6 +406,9 @@ def load_experts(sb: types.SimpleNamespace, path: Path, prefix: str, *, num_expe
             if weight_name not in name:
                 continue
             mapped = name.replace(weight_name, param_name)
+            if mapped.endswith(IGNORE_SUFFIXES) and mapped not in params:  # vLLM's model loop skips these
+                skipped.add(name)
+                break
             assert mapped in params, f"{name}: vllm-ascend's {type(layer.quant_method.quant_method).__name__} has no parameter {mapped}"
             ok = params[mapped].weight_loader(params[mapped], tensor, mapped, shard_id=shard_id, expert_id=expert_id,
                                               return_success=True)
@@ -414,7 +420,7 @@ def load_experts(sb: types.SimpleNamespace, path: Path, prefix: str, *, num_expe
             raise AssertionError(f"{name}: no expert parameter mapping matches it")
     unfilled = sorted(set(params) - set(filled))
     layer.quant_method.process_weights_after_loading(layer)
-    return layer, consumed, unfilled
+    return types.SimpleNamespace(layer=layer, consumed=consumed, skipped=skipped, unfilled=unfilled)
 
 
 def expert_mlp(sb: types.SimpleNamespace, layer: torch.nn.Module, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -30,19 +30,20 @@ from ..pack.format import FormatError
 from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .compressed_tensors import check_exportable
-from .export import expert_linears, float_experts_modules, float_tensors
+from .export import float_experts_modules, float_tensors
 from .foreign import ForeignCheckpoint, LinearFormat, make_scheme, read_all, read_foreign
-from .linears import LinearCodes
+from .linears import LinearCodes, split_projection
 from .naming import Naming
 from .packing import pack_offset_binary, unpack_offset_binary
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "quant_model_description.json"
-SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_offset", "weight_shape", "bias")
+SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_offset", "weight_shape", "bias", "weight_scale_second",
+            "weight_offset_second", "scale_bias", "input_scale", "input_offset", "deq_scale", "quant_bias")
 FLOAT = "FLOAT"
 # msModelSlim records the lowest-bit type present as model_quant_type.
-PRIORITY = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W4A16", "W4A8_DYNAMIC")
+PRIORITY = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W4A16", "W4A8_DYNAMIC")
 
 
 def quant_type(scheme: QuantScheme) -> str:
@@ -55,6 +56,8 @@ def quant_type(scheme: QuantScheme) -> str:
         raise FormatError(f"{why} (rule: `export --to ascend` writes only what vllm-ascend's MoE loader runs)")
     if scheme.activation == "dynamic":
         return "W4A8_DYNAMIC" if scheme.weight_bits == 4 else "W8A8_DYNAMIC"
+    if scheme.activation == "static":
+        return "W8A8_MIX"
     return "W4A16"
 
 
@@ -115,11 +118,41 @@ def w4a8_tensors(base: str, codes: LinearCodes, group_size: Optional[int]) -> di
     return out
 
 
-def linear_tensors(base: str, codes: LinearCodes, qtype: str, group_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+def w8a8_mix_tensors(base: str, codes: LinearCodes, input_scale: float, act_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """msModelSlim's W8A8_MIX tensors of one expert nn.Linear (its per-Linear static W8A8 layout plus
+    weight_scale / weight_offset): symmetric activations (input_offset 0), no Linear bias (quant_bias 0),
+    `deq_scale = input_scale * weight_scale` as float32, or its bits as int64 for float16 models (msModelSlim's
+    deqscale2int64 rule)."""
+    n, _ = codes.q.shape
+    weight_scale = codes.scale.float().reshape(n, 1)
+    deq = (torch.tensor(input_scale, dtype=torch.float32) * weight_scale[:, 0]).contiguous()
+    if act_dtype != torch.bfloat16:
+        deq = deq.view(torch.int32).to(torch.int64)
+    return {f"{base}.weight": codes.q.to(torch.int8).contiguous(), f"{base}.weight_scale": weight_scale,
+            f"{base}.weight_offset": torch.zeros(n, 1), f"{base}.input_scale": torch.tensor([input_scale], dtype=torch.float32),
+            f"{base}.input_offset": torch.zeros(1), f"{base}.quant_bias": torch.zeros(n, dtype=torch.int32),
+            f"{base}.deq_scale": deq}
+
+
+def expert_linears_with_input_scale(ck, naming: Naming) -> Iterator[tuple[Any, str, LinearCodes, Optional[float]]]:
+    """`expert_linears`, plus each expert's calibrated input scale for W8A8 static modules (else None)."""
+    for prefix, spec in ck.specs.items():
+        for proj, qw in ck.projections(prefix).items():
+            names = naming.expert_linears(f"{prefix}.{proj}", spec.num_experts)
+            scales = ck.tensor(f"{prefix}.{proj}.input_scale").float() if spec.scheme.activation == "static" else None
+            for e, row in enumerate(split_projection(qw, len(names[0]))):
+                for base, codes in zip(names[e], row):
+                    yield spec, base, codes, None if scales is None else float(scales[e])
+
+
+def linear_tensors(base: str, codes: LinearCodes, qtype: str, group_size: Optional[int] = None,
+                   input_scale: Optional[float] = None, act_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """AscendV1 tensors of one expert nn.Linear (see the module docstring)."""
     n, k = codes.q.shape
     if qtype == "W4A8_DYNAMIC":
         return w4a8_tensors(base, codes, group_size)
+    if qtype == "W8A8_MIX":
+        return w8a8_mix_tensors(base, codes, input_scale, act_dtype)
     if qtype == "W4A16":
         return {f"{base}.weight_packed": pack_offset_binary(codes.q, 4), f"{base}.weight_scale": codes.scale.contiguous(),
                 f"{base}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
@@ -161,8 +194,9 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
         for name, t in float_tensors(ck, naming, float_modules):
             description[name] = FLOAT
             yield name, t
-        for spec, base, codes in expert_linears(ck, naming):
-            for name, t in linear_tensors(base, codes, types[spec.prefix], spec.scheme.group_size).items():
+        for spec, base, codes, input_scale in expert_linears_with_input_scale(ck, naming):
+            for name, t in linear_tensors(base, codes, types[spec.prefix], spec.scheme.group_size, input_scale,
+                                          spec.act_dtype).items():
                 description[name] = types[spec.prefix]
                 yield name, t
 
@@ -184,11 +218,21 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
 
 
 class _Reader:
-    """scheme_for / decode of one quant_model_description.json."""
+    """scheme_for / decode of one quant_model_description.json.
+
+    msModelSlim's int4 types keep `weight` int8 with, in its "1.0.0" layout, two int4 codes per byte: along N
+    (`[N/2, K]`) for W4A8_DYNAMIC and per-group W4A16, along K (`[N, K/2]`) for per-channel W4A16; older
+    layouts store one code per byte (`[N, K]`). vllm-ascend's W4A16 MoE method reads compressed-tensors'
+    `weight_packed` instead (what gmmquant exports). W4A8_DYNAMIC per group keeps two scale levels whose
+    product, cast to float16, is the kernel's scale (as vllm-ascend computes it). W8A8_MIX / W8A8 experts load
+    as W8A8 dynamic, which is how vllm-ascend runs W8A8_MIX MoE layers: their static activation parameters
+    (input_scale, input_offset, deq_scale, quant_bias) are read and checked, not used.
+    """
 
     def __init__(self, description: dict[str, Any], where: str):
         self.description, self.where = description, where
         self.group_size = int(description.get("group_size") or 0) or None
+        self.new_layout = str(description.get("version", "")) == "1.0.0"
 
     def _type(self, base: str, tensors: dict[str, torch.Tensor]) -> str:
         for suffix in ("weight", "weight_packed"):
@@ -196,16 +240,34 @@ class _Reader:
                 return str(self.description.get(f"{base}.{suffix}", FLOAT))
         return FLOAT
 
+    def _symmetric(self, base: str, tensors: dict[str, torch.Tensor], *names: str) -> bool:
+        return not any(n in tensors and bool(tensors[n].ne(0).any()) for n in names)
+
     def scheme_for(self, base: str, tensors: dict[str, torch.Tensor]) -> Optional[QuantScheme]:
         qtype = self._type(base, tensors)
         if qtype == FLOAT:
             return None
-        if qtype == "W8A8_DYNAMIC":
+        if qtype in ("W8A8_DYNAMIC", "W8A8_MIX", "W8A8"):
+            if qtype != "W8A8_DYNAMIC" and not self._symmetric(base, tensors, "input_offset", "quant_bias"):
+                raise FormatError(f"{self.where}: {base} ({qtype}): a non-zero input_offset / quant_bias (asymmetric "
+                                  "activations or a folded bias) has no place in gmmquant's W8A8 experts")
             return make_scheme(8, None, True, "dynamic")
+        if qtype == "W4A8_DYNAMIC":
+            if not self._symmetric(base, tensors, "weight_offset", "weight_offset_second"):
+                raise FormatError(f"{self.where}: {base}: W4A8_DYNAMIC weights must be symmetric (rule: weight_offset and "
+                                  "weight_offset_second all zero; the kernel's A8W4 mode has no weight offset)")
+            second = tensors.get("weight_scale_second")
+            if second is None:
+                return make_scheme(4, None, True, "dynamic")
+            k = self._k(base, tensors, "W4A8_DYNAMIC")
+            return make_scheme(4, k // second.reshape(second.shape[0], -1).shape[1], True, "dynamic")
         if qtype == "W4A16":
-            if self.group_size is None:
-                raise FormatError(f"{self.where}: {base} is W4A16 but {DESCRIPTION} has no group_size")
-            return make_scheme(4, self.group_size, True)
+            symmetric = self._symmetric(base, tensors, "weight_offset")
+            if "weight_packed" in tensors:
+                if self.group_size is None:
+                    raise FormatError(f"{self.where}: {base} is W4A16 but {DESCRIPTION} has no group_size")
+                return make_scheme(4, self.group_size, True)
+            return make_scheme(4, self.group_size, symmetric)  # msModelSlim: group_size 0 means per channel
         if qtype == "W8A16":
             scale = tensors.get("weight_scale")
             offset = tensors.get("weight_offset")
@@ -213,9 +275,29 @@ class _Reader:
             symmetric = offset is None or not bool(offset.ne(0).any())
             return make_scheme(8, groups, symmetric)
         raise FormatError(f"{self.where}: {base} has quant type {qtype!r}, which gmmquant does not import "
-                          "(rule: FLOAT, W8A8_DYNAMIC, W8A16 or W4A16)")
+                          "(rule: FLOAT, W8A8_DYNAMIC, W8A8_MIX, W8A8, W8A16, W4A16 or W4A8_DYNAMIC)")
+
+    def _int4_layout(self, base: str, tensors: dict[str, torch.Tensor], qtype: str) -> str:
+        """"n" (two codes per byte along N), "k" (along K) or "none" (one code per byte) for an int4 `weight`."""
+        w, scale = tensors["weight"], tensors.get("weight_scale")
+        if w.dtype != torch.int8:
+            raise FormatError(f"{self.where}: {base}.weight is {w.dtype}, expected int8 ({qtype} codes)")
+        if scale is None:
+            raise FormatError(f"{self.where}: {base}.weight_scale missing")
+        rows = scale.shape[0]
+        if w.shape[0] * 2 == rows:
+            return "n"
+        if w.shape[0] != rows:
+            raise FormatError(f"{self.where}: {base}.weight {list(w.shape)} does not fit weight_scale {list(scale.shape)}")
+        per_channel_w4a16 = qtype == "W4A16" and self.group_size is None
+        return "k" if self.new_layout and per_channel_w4a16 else "none"
+
+    def _k(self, base: str, tensors: dict[str, torch.Tensor], qtype: str) -> int:
+        w = tensors["weight"]
+        return w.shape[1] * (2 if self._int4_layout(base, tensors, qtype) == "k" else 1)
 
     def decode(self, base: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> LinearCodes:
+        qtype = self._type(base, tensors)
         if "weight_packed" in tensors:
             shape = tensors.get("weight_shape")
             if shape is None or shape.numel() != 2:
@@ -226,11 +308,22 @@ class _Reader:
             q = tensors["weight"]
             if q.dtype != torch.int8:
                 raise FormatError(f"{self.where}: {base}.weight is {q.dtype}, expected int8")
+            if scheme.weight_bits == 4:
+                layout = self._int4_layout(base, tensors, qtype)
+                if layout != "none":
+                    q = unpack_int4_pairs(q, dim=0 if layout == "n" else 1)
+                elif q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+                    raise FormatError(f"{self.where}: {base}.weight [{q.shape[0]}, {q.shape[1]}] int8 holds values outside "
+                                      f"[-8, 7], so it is not one int4 code per byte; msModelSlim's \"1.0.0\" layout packs two "
+                                      f"per byte along N ([N/2, K]), which needs weight_scale to have 2x its rows "
+                                      f"(rule: {qtype} weight layouts)")
             n, k = q.shape
         scale = tensors.get("weight_scale")
         if scale is None:
             raise FormatError(f"{self.where}: {base}.weight_scale missing")
         scale = scale.reshape(n, -1)
+        if "weight_scale_second" in tensors:  # W4A8_DYNAMIC per group: the product, in float16, as vllm-ascend
+            scale = (scale.float() * tensors["weight_scale_second"].reshape(n, -1).float()).to(torch.float16).float()
         zero = None
         if not scheme.symmetric:
             offset = tensors["weight_offset"].reshape(n, -1).float()

@@ -29,9 +29,7 @@ def _vllm_ascend(scheme: QuantScheme) -> Optional[str]:
                 "so a zero point would be silently dropped; quantize with --symmetric (gmmquant pack / calibrate)")
     if scheme.weight_only and scheme.group_size is None:
         return "per-channel W4A16: vllm-ascend's W4A16 MoE method takes per-group scales with one global group_size"
-    if scheme.activation == "static":
-        return "W8A8 static: vllm-ascend runs static int8 activations (W8A8) for linear layers only; use w8a8-dynamic"
-    return None
+    return None  # w8a8-static goes out as W8A8_MIX, which vllm-ascend runs with dynamic per-token activations
 
 
 def _vllm(scheme: QuantScheme) -> Optional[str]:
@@ -83,7 +81,8 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     "vllm-ascend": Engine("vllm-ascend", "0.23.0.post1", "ascend",
                           "w8a8-dynamic (W8A8_DYNAMIC), w4a16-g32/64/128/256 --symmetric (W4A16), "
-                          "w4a8-dynamic[-g*] (W4A8_DYNAMIC)", _vllm_ascend, smoothquant=False),
+                          "w4a8-dynamic[-g*] (W4A8_DYNAMIC), w8a8-static (W8A8_MIX; its MoE method quantizes the "
+                          "activations per token, not with the calibrated scales)", _vllm_ascend, smoothquant=False),
     "vllm": Engine("vllm", "0.23.0", "compressed-tensors",
                    "w4a16[-g*] and w8a16, symmetric or not (pack-quantized), w8a8-dynamic (int-quantized)", _vllm, smoothquant=False),
     "hf": Engine("hf", "transformers 5", None, "every gmmquant scheme (gmmquant's runtime inside transformers)",

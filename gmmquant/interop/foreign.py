@@ -251,7 +251,7 @@ def make_scheme(weight_bits: int, group_size: Optional[int], symmetric: bool, ac
     for preset in PRESETS.values():
         if (preset.weight_bits, preset.group_size, preset.symmetric, preset.activation) == (weight_bits, group_size, symmetric, activation):
             return preset
-    base = {"none": f"w{weight_bits}a16", "dynamic": "w8a8-dynamic", "static": "w8a8-static"}[activation]
+    base = {"none": f"w{weight_bits}a16", "dynamic": f"w{weight_bits}a8-dynamic", "static": "w8a8-static"}[activation]
     name = base + (f"-g{group_size}" if group_size else "") + ("-sym" if symmetric else "-asym")
     try:
         return QuantScheme(name, weight_bits, group_size, symmetric, activation)

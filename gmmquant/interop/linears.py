@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..kernels import pack_int4, unpack_int4
 from ..pack.format import FormatError
-from ..pack.primitives import QuantizedWeight, antiquant_offset, w8a8_scale_dtype
+from ..pack.primitives import QuantizedWeight, antiquant_offset, stored_scale_dtype
 from ..pack.schemes import QuantScheme
 
 
@@ -92,11 +92,12 @@ def merge_projection(linears: list[list[LinearCodes]], scheme: QuantScheme, act_
     scale = torch.stack([torch.cat([c.scale for c in row], dim=0).t() for row in linears])  # [E, G, N]
     half = 1 << (scheme.weight_bits - 1)
     if q.numel() and (int(q.min()) < -half or int(q.max()) > half - 1):
-        raise FormatError(f"codes outside the signed {scheme.weight_bits}-bit range [{-half}, {half - 1}]")
+        raise FormatError(f"codes outside the signed {scheme.weight_bits}-bit range [{-half}, {half - 1}] "
+                          f"(scheme {scheme.name}): the format reader decoded packed codes as unpacked ones")
     has_zero = [c.zero_point is not None for row in linears for c in row]
     if any(has_zero) != all(has_zero):
         raise FormatError("some experts of one projection have zero points and others do not")
-    stored = act_dtype if scheme.weight_only else w8a8_scale_dtype(act_dtype)
+    stored = stored_scale_dtype(scheme, act_dtype)
     offset = None
     if all(has_zero):
         zero = torch.stack([torch.cat([c.zero_point for c in row], dim=0).t() for row in linears])

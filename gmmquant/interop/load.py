@@ -56,6 +56,31 @@ def read_checkpoint(path: "str | os.PathLike") -> ForeignCheckpoint:
     raise FormatError(f"{path}: neither a compressed-tensors nor an AscendV1 ({ASCEND_DESCRIPTION}) checkpoint")
 
 
+def is_norm_bias(model: nn.Module, name: str) -> bool:
+    """Whether `name` is `<norm>.bias` for a norm module of `model` that has a weight and no bias (an RMSNorm)."""
+    if not name.endswith(".bias"):
+        return False
+    try:
+        module = model.get_submodule(name[: -len(".bias")])
+    except AttributeError:
+        return False
+    return "norm" in type(module).__name__.lower() and "weight" in module._parameters and "bias" not in module._parameters
+
+
+def _add_bias(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.bias.to(output.dtype)
+
+
+def attach_norm_biases(model: nn.Module, biases: dict[str, torch.Tensor]) -> None:
+    """Give RMSNorm modules the bias msModelSlim's anti-outlier step writes (`<norm>.bias`): the norm then
+    returns `rmsnorm(x) * weight + bias`, as vllm-ascend's norm with bias (npu_add_rms_norm_bias) computes."""
+    for name, bias in biases.items():
+        module = model.get_submodule(name[: -len(".bias")])
+        module.register_parameter("bias", nn.Parameter(bias, requires_grad=False))
+        module.register_forward_hook(_add_bias)
+        logger.info("%s: anti-outlier norm bias attached", name)
+
+
 def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A transformers model (CPU, eval mode) whose quantized experts run on grouped-matmul kernels.
 
@@ -86,6 +111,7 @@ def build_model(ck: ForeignCheckpoint, *, backend: Optional[str] = None, dtype: 
         return any(name.startswith(p + ".") for p in ck.specs)
 
     expected = {k for k in model.state_dict() if not quantized(k)} - tied
+    attach_norm_biases(model, {k: state.pop(k) for k in list(state) if k not in expected and is_norm_bias(model, k)})
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise FormatError(f"{ck.path}: checkpoint does not fit {type(model).__name__}: "
