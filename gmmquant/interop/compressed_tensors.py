@@ -60,6 +60,9 @@ def scheme_to_group(scheme: QuantScheme) -> dict[str, Any]:
         raise FormatError(f"scheme {scheme.name!r}: W8A8 with a static activation scale cannot be exported to compressed-tensors "
                           "(rule: vLLM's int8 MoE method, CompressedTensorsW8A8Int8MoEMethod, takes dynamic per-token "
                           "activations only); re-pack with w8a8-dynamic")
+    if scheme.a8w4:
+        raise FormatError(f"scheme {scheme.name!r}: W4A8 experts are not exported to compressed-tensors (rule: gmmquant "
+                          "exports W4A8 as AscendV1 W4A8_DYNAMIC, for vllm-ascend); use --to ascend")
     weights = {"num_bits": scheme.weight_bits, "type": "int", "symmetric": scheme.symmetric,
                "strategy": "group" if scheme.group_size else "channel", "group_size": scheme.group_size,
                "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
