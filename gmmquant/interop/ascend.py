@@ -9,7 +9,9 @@ per expert under the model's original names (`<base>` = e.g. `model.layers.0.mlp
 |---|---|---|
 | `W8A8_DYNAMIC` | `<base>.weight` int8 `[N, K]`, `<base>.weight_scale` fp32 `[N, 1]`, `<base>.weight_offset` fp32 `[N, 1]` (zeros) | vllm-ascend `AscendW8A8DynamicFusedMoEMethod`; MindIE |
 | `W4A16` | `<base>.weight_packed` int32 `[N, K/8]` (compressed-tensors packing, packing.py), `<base>.weight_scale` `[N, K/g]`, `<base>.weight_shape` `[2]`; description `group_size` = g | vllm-ascend `AscendW4A16FusedMoEMethod` (symmetric only: it builds zero offsets and loads none) |
-| `W8A16` | `<base>.weight` int8 `[N, K]`, `<base>.weight_scale` fp32 `[N, 1]`, `<base>.weight_offset` fp32 `[N, 1]` | msModelSlim writes it per Linear; vllm-ascend registers W8A16 for linear layers only, not MoE |
+| `W4A8_DYNAMIC` | `<base>.weight` int8 `[N/2, K]` (two int4 per byte along N), `weight_scale` / `weight_offset` fp32 `[N, 1]`, per group `weight_scale_second` fp32 / `weight_offset_second` int64 `[N, K/g]`, `scale_bias` fp32 `[N, 1]` or `[N, 16]` (down_proj); description `version` "1.0.0", `group_size` g or 0 | vllm-ascend `AscendW4A8DynamicFusedMoEMethod` (the GMM's A8W4 mode) |
+| `W8A8_MIX` | `<base>.weight` int8 `[N, K]`, `weight_scale` / `weight_offset` fp32 `[N, 1]`, `input_scale` / `input_offset` fp32 `[1]`, `quant_bias` int32 `[N]`, `deq_scale` `[N]` | vllm-ascend `AscendW8A8PDMixFusedMoeMethod`, which quantizes activations per token |
+| `W8A16` | `<base>.weight` int8 `[N, K]`, `<base>.weight_scale` fp32 `[N, 1]`, `<base>.weight_offset` fp32 `[N, 1]` | import only: msModelSlim writes it per Linear; vllm-ascend registers W8A16 for linear layers only, not MoE |
 
 Sign: msModelSlim dequantizes `(q - weight_offset) * weight_scale`, so `weight_offset` is a zero point that is
 SUBTRACTED; gmmquant's `antiquant_offset` (added by the kernel) is its negation.
@@ -337,7 +339,8 @@ class _Reader:
 
 
 def read_ascend(path: "str | os.PathLike") -> ForeignCheckpoint:
-    """Convert an AscendV1 MoE checkpoint (W8A8_DYNAMIC, W8A16 or W4A16 experts) to gmmquant's layout.
+    """Convert an AscendV1 MoE checkpoint (W8A8_DYNAMIC, W8A8_MIX / W8A8, W8A16, W4A16 or W4A8_DYNAMIC experts;
+    see `_Reader`) to gmmquant's layout.
 
     Expert codes move into the kernel layout without dequantization; `antiquant_offset = -weight_offset`.
     Non-expert linears of type W8A8_DYNAMIC / W8A16 are dequantized to the model dtype.
