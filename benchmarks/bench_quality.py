@@ -64,6 +64,9 @@ def main() -> None:
         checks.append(("w4a16-g128-gptq within 5% of float", got["w4a16-g128-gptq"] <= base * 1.05))
         if "w4a16-g128" in got:
             checks.append(("w4a16-g128-gptq better than w4a16-g128 (RTN)", got["w4a16-g128-gptq"] < got["w4a16-g128"]))
+    for n in ("w4a8-dynamic", "w4a8-dynamic-g128"):  # issue 13's target for W4A8
+        if n in got:
+            checks.append((f"{n} within 1.5% of float", got[n] <= base * 1.015))
     for label, ok in checks:
         print(f"{'met' if ok else 'NOT MET'}: {label}")
 
