@@ -107,6 +107,9 @@ def test_vllm_ascend_loads_export_and_matches_runtime(exported, name):
     ref = H.gmmquant_mlp(projections, x, counts, torch.bfloat16, "reference")
     assert len(gmm_calls) == 2 and out.dtype == ref.dtype == torch.bfloat16
     assert torch.equal(out, ref), f"max |diff| {float((out.float() - ref.float()).abs().max())}"
+    # gmmquant's default CPU backend (fast paths) agrees with the reference formulas to one bf16 ulp of the largest output
+    fast = H.gmmquant_mlp(projections, x, counts, torch.bfloat16, "cpu")
+    assert float((fast.float() - ref.float()).abs().max()) <= 2 ** -7 * float(ref.float().abs().max())
 
 
 def test_vllm_ascend_refuses_w8a16_moe(exported, tmp_path):
