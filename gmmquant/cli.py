@@ -267,6 +267,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(K, N) of each expert projection: --shapes KxN,... or a model's config (gate_up: H x 2I, down: I x H)."""
+    if args.shapes:
+        try:
+            return [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
+        except ValueError:
+            raise ValueError(f"--shapes must look like 2048x1536,768x2048 (K x N per projection), got {args.shapes!r}") from None
+    from .builtin import resolve_model
+
+    config = json.loads((Path(resolve_model(args.model)) / "config.json").read_text())
+    config = config.get("text_config", config)
+    hidden = config.get("hidden_size")
+    inter = config.get("moe_intermediate_size") or config.get("intermediate_size")
+    if not hidden or not inter:
+        raise ValueError(f"{args.model}: config.json has no hidden_size / moe_intermediate_size; pass --shapes KxN,...")
+    return [(hidden, 2 * inter), (inter, hidden)]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure the cpu backend's weight-only kernels per shape and cache the winners (docs/KERNELS.md)."""
+    from .kernels.backends import cpu_autotune as at
+    from .pack import get_scheme
+
+    print(f"machine: {at.machine_signature()}")
+    print(f"cache: {at.cache_path()} (${at.AUTOTUNE_ENV}={at.mode()})")
+    if args.show:
+        section = at.load_table().get(at.machine_signature(), {})
+        print(f"{len(section)} measured shape(s) for this machine")
+        for key, entry in sorted(section.items()):
+            ms = " ".join(f"{c} {v:.3f}" for c, v in entry["ms"].items())
+            print(f"  {key:<44} -> {entry['choice']:<13} ({ms} ms)")
+        return 0
+    keys = []
+    for name in args.scheme.split(","):
+        scheme = get_scheme(name)
+        if not scheme.weight_only:
+            raise ValueError(f"scheme {name!r}: only weight-only schemes have a kernel choice on CPU (int8 x int8 runs torch._int_mm)")
+        for k, n in _tune_shapes(args):
+            groups = 1 if scheme.group_size is None else k // scheme.group_size
+            for rows in (int(r) for r in args.rows.split(",")):
+                keys.append(at.KernelKey(f"w{scheme.weight_bits}a16", args.dtype, at.rows_bucket(rows), k, n, groups))
+    print(f"{'shape':<44}{'fused ms':>10}{'dequant ms':>12}  choice")
+    for row in at.tune(keys, reps=args.reps):
+        key = at.KernelKey(**row["key"])
+        print(f"{key.text():<44}{row['ms'][at.FUSED]:>10.3f}{row['ms'][at.DEQUANT]:>12.3f}  {row['choice']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmmquant", description="Quantized MoE experts on grouped-matmul kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,6 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="4GB", help="output shard bound")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", help="measure and cache the fastest CPU kernel per expert shape (weight-only schemes)")
+    p.add_argument("model", nargs="?", default=None, help="model directory whose expert shapes to tune (default: the built-in model)")
+    p.add_argument("--shapes", default=None, help="K x N per projection instead of a model, e.g. 2048x1536,768x2048")
+    p.add_argument("--scheme", default="w4a16-g128,w8a16", help="comma-separated weight-only schemes")
+    p.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512", help="rows per expert to measure (bucketed to powers of two)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--show", action="store_true", help="print this machine's cached choices and exit")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Kernel choices on the cpu backend follow the built-in rule in tests, whatever a developer's autotune cache
+# says (tests/test_cpu_autotune.py sets its own cache directory and mode).
+os.environ.setdefault("GMMQUANT_AUTOTUNE", "off")

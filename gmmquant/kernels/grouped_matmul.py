@@ -65,7 +65,10 @@ def grouped_matmul(
       - float: `y = x @ w + bias`
       - per-channel full quant (int8 x, int8 w): `y = (x @ w + bias) * scale`, int64 scale -> int8 y
       - per-token full quant: `y = (x @ w + bias) * scale * per_token_scale`, then act_type
-      - weight-only: `y = x @ ((w + antiquant_offset) * antiquant_scale) + bias`
+      - weight-only: `y = x @ ((w + antiquant_offset) * antiquant_scale) + bias`, the weight rounded to x's dtype
+      - A8W4 (int8 x, int32-packed int4 w, int64 scale): `y = ((x - 8) @ (w * scale) + bias) * per_token_scale`,
+        with bias = `a8w4_scale_bias(w, scale)` giving `x @ (w * scale)`
+    The order of operations and roundings of each mode is docs/KERNELS.md "Numerics".
 
     Arguments are checked against the spec first (`GMMContractError` names the broken rule), then the call
     runs on `backend`: "npu" (torch_npu, arguments unchanged), "cpu" (fast CPU kernels), "cuda"

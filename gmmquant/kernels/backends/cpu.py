@@ -9,12 +9,13 @@ dtype, with one documented exception (small-M weight-only, below):
   kernels at every M measured, and free of their half-precision intermediate).
 - A8W4: the reference's split-and-accumulate order with `torch._int_mm` for the integer products, on a
   cached unpacked int8 copy of each expert's weight.
-- weight-only, at least `EXACT_MIN_ROWS` rows per expert: the weight dequantized in the activation dtype
-  as the NPU does (`npu_antiquant_weight`), then one half-precision GEMM (float32 accumulation).
-- weight-only, fewer rows (decode): the fused `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`
-  kernels, which keep the dequantized weight in float32 instead of rounding it to the activation dtype;
-  the deviation is bounded by that rounding (docs/KERNELS.md). `GMMQUANT_CPU_NUMERICS=npu` runs the exact
-  path at every M.
+- weight-only: per shape, the faster of two kernels (`cpu_autotune`: measured per machine and cached, or
+  the built-in rule): "dequant_gemm", the weight dequantized in the activation dtype as the NPU does
+  (`npu_antiquant_weight`) then one half-precision GEMM (float32 accumulation), exact; or "fused", the
+  `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` kernels, which read the packed weight
+  once (decode) but keep the dequantized weight in float32 instead of rounding it to the activation dtype;
+  the deviation is bounded by that rounding (docs/KERNELS.md). `GMMQUANT_CPU_NUMERICS=npu` allows only
+  the exact kernel.
 Repacked weights are cached per (weight tensor, expert) and rebuilt if the tensor changes in place; they
 are never written to disk. Empty groups cost nothing.
 """
@@ -22,6 +23,7 @@ are never written to disk. Empty groups cost nothing.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -31,14 +33,12 @@ from torch import Tensor
 from ..antiquant import npu_antiquant_weight
 from ..int4 import INT4_SHIFTS, unpack_int4
 from ..plan import GMMPlan, Group, Mode, Operands
-from . import reference
+from . import cpu_autotune, reference
+from .cpu_autotune import DEQUANT, FUSED, KernelKey, rows_bucket
 from .float_grouped import float_grouped_mm
 
 INT4_CPU_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 NUMERICS_ENV = "GMMQUANT_CPU_NUMERICS"  # "npu": exact weight-only rounding at every M; "auto" (default)
-# Weight-only groups with at least this many rows take the exact dequantize-then-GEMM path. Below it the
-# fused int kernels are several times faster (a decode step reads the weight once, in its packed form).
-EXACT_MIN_ROWS = 32
 
 _cache: dict[tuple, tuple[tuple, Tensor]] = {}
 
@@ -180,12 +180,36 @@ def _a8w4(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
     return reference.a8w4_group(op.x, q, op.scale, op.bias, op.per_token_scale, plan.out_dtype, int_matmul=torch._int_mm)
 
 
+def _fused_supported(plan: GMMPlan, op: Operands) -> bool:
+    if plan.weight_bits == 8:
+        return op.weight.shape[0] % 8 == 0
+    k, n = op.weight.shape[0], op.weight.shape[1] * 8
+    groups = op.antiquant_scale.shape[0] if op.antiquant_scale.dim() == 2 else 1
+    return n % 16 == 0 and _int4_cpu_group_size(k, groups) is not None
+
+
+_forced = threading.local()
+
+
+def weight_only_kernel(plan: GMMPlan, g: Group, op: Operands) -> str:
+    """"fused" or "dequant_gemm" for this group (see cpu_autotune)."""
+    forced = getattr(_forced, "choice", None)
+    if forced is not None:
+        return forced
+    if exact_weight_only() or not _fused_supported(plan, op):
+        return DEQUANT
+    scale = op.antiquant_scale
+    key = KernelKey(f"w{plan.weight_bits}a16", str(op.x.dtype).replace("torch.", ""), rows_bucket(g.size),
+                    op.weight.shape[0], plan.n[g.w_index], scale.shape[0] if scale.dim() == 2 else 1)
+    return cpu_autotune.choose(key)
+
+
 def compute_group(plan: GMMPlan, g: Group) -> Tensor:
     op = plan.operands(g)
     if plan.mode is Mode.FLOAT:
         return _float_group(op, plan.out_dtype)
     if plan.mode is Mode.ANTIQUANT:
-        if g.size >= EXACT_MIN_ROWS or exact_weight_only():
+        if weight_only_kernel(plan, g, op) == DEQUANT:
             return _weight_only_exact(plan, op)
         if plan.weight_bits == 8:
             return _int8_weight_only(plan, g, op)
@@ -193,6 +217,35 @@ def compute_group(plan: GMMPlan, g: Group) -> Tensor:
     if plan.mode is Mode.QUANT_A8W4:
         return _a8w4(plan, g, op)
     return _int8_full_quant(plan, g, op)
+
+
+def _measure(key: KernelKey, choice: str, reps: int) -> float:
+    """Median ms of one candidate on synthetic data of `key`'s shape (one expert, its weight repacked once)."""
+    from ..grouped_matmul import grouped_matmul  # noqa: PLC0415 - grouped_matmul imports this backend
+    from ..int4 import pack_int4
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, key.x_dtype)
+    lo, hi = (-8, 8) if key.kind == "w4a16" else (-128, 128)
+    q = torch.randint(lo, hi, (1, key.k, key.n), generator=gen, dtype=torch.int8)
+    w = pack_int4(q) if key.kind == "w4a16" else q.transpose(1, 2).contiguous().transpose(1, 2)
+    shape = (1, key.n) if key.groups == 1 else (1, key.groups, key.n)
+    scale = (torch.rand(shape, generator=gen) * 0.01).to(dtype)
+    x = torch.randn(key.rows, key.k, generator=gen).to(dtype)
+    counts = torch.tensor([key.rows])
+
+    def call():
+        return grouped_matmul([x], [w], antiquant_scale=[scale], group_list=counts, group_list_type=0,
+                              group_type=0, split_item=2, backend="cpu")
+
+    _forced.choice = choice
+    try:
+        return cpu_autotune.median_ms(call, reps)
+    finally:
+        _forced.choice = None
+
+
+cpu_autotune.register_measure(_measure)
 
 
 def run(plan: GMMPlan) -> list[Tensor]:
