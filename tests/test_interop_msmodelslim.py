@@ -183,3 +183,51 @@ def test_anti_outlier_norm_bias(tmp_path):
     with torch.no_grad():
         plain = model.model.layers[0].post_attention_layernorm(x)
         assert torch.equal(norm(x), plain + torch.linspace(-0.1, 0.1, H).to(torch.bfloat16))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_msmodelslim_written_w4a8_round_trips_byte_for_byte(tmp_path):
+    """The W4A8_DYNAMIC fixture was written by msModelSlim's own saver (tools/make_msmodelslim_fixture.py):
+    imported into gmmquant and exported again, every expert tensor comes back as msModelSlim wrote it."""
+    from safetensors.torch import load_file
+
+    from gmmquant.interop import export_checkpoint
+    from gmmquant.runtime import save_model
+
+    src = FIXTURES / "msmodelslim_qwen3_moe_w4a8"
+    model = load_model(src)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.scheme.name == "w4a8-dynamic"
+    save_model(model, tmp_path / "gmmquant", source_dir=src)
+    export_checkpoint(tmp_path / "gmmquant", tmp_path / "ascend", "ascend")
+    theirs = load_file(src / "quant_model_weights.safetensors")
+    ours = {}
+    for file in (tmp_path / "ascend").glob("*.safetensors"):
+        ours.update(load_file(file))
+    expert_names = sorted(n for n in theirs if ".experts." in n)
+    assert expert_names == sorted(n for n in ours if ".experts." in n)
+    for name in expert_names:
+        if name.endswith("scale_bias"):  # 8 * sum(q * scale): the same sums, summed in the same order
+            assert torch.allclose(ours[name], theirs[name], rtol=1e-6, atol=0), name
+        else:
+            assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+
+
+def test_msmodelslim_written_w8a8_mix_imports_as_dynamic():
+    """msModelSlim's W8A8_MIX experts load as w8a8-dynamic (as vllm-ascend runs them): same int8 codes, the
+    float32 weight_scale rounded to the bf16 kernel scale, and its static parameters consistent."""
+    from safetensors.torch import load_file
+
+    src = FIXTURES / "msmodelslim_qwen3_moe_w8a8_mix"
+    theirs = load_file(src / "quant_model_weights.safetensors")
+    ck = read_checkpoint(src)
+    qw = ck.quantized[PREFIX]["down_proj"]
+    assert qw.scheme.name == "w8a8-dynamic" and qw.scale.dtype == torch.bfloat16
+    for e in range(E):
+        base = f"{PREFIX}.{e}.down_proj"
+        assert torch.equal(qw.qweight[e], theirs[f"{base}.weight"].t())
+        assert torch.equal(qw.scale[e], theirs[f"{base}.weight_scale"][:, 0].to(torch.bfloat16))
+        assert torch.equal(theirs[f"{base}.deq_scale"], theirs[f"{base}.input_scale"] * theirs[f"{base}.weight_scale"][:, 0])
+    with torch.no_grad():
+        assert torch.isfinite(load_model(src)(torch.arange(8).reshape(1, 8)).logits).all()
