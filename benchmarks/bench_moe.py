@@ -1,12 +1,15 @@
 """One Qwen3-30B-A3B-shaped MoE block, and a tiny model's generate(), HF bf16 vs gmmquant experts.
 
-Usage: python benchmarks/bench_moe.py [--tokens 1,4,16,2048] [--reps 10] [--skip-generate]
+Usage: python benchmarks/bench_moe.py [--tokens 1,4,16,2048] [--reps 10] [--skip-generate] [--no-alternatives]
 
 Block: E=128 experts, H=2048, I=768, top-8 (Qwen3-30B-A3B), bf16, transformers' own router. Baseline: HF's
 default `grouped_mm` experts. Ours: `replace_experts` with float weights, W8A16, W4A16-g128, W8A8-dynamic,
 all on `grouped_matmul(backend="cpu")`. Every timed call gets fresh hidden states, so routing (and the
 experts whose weights are read) changes from call to call, as in decode. Prints median ms per block call,
-the speedup over the baseline measured in the same run, and expert memory.
+the speedup over the baseline measured in the same run, and expert memory. Alternatives in the same run
+(`moe_alternatives.py`): aten's int4 kernel looped over experts, torch.ao's fbgemm dynamic int8 Linear, and
+int8 dequantized to bf16 per expert. The machine's ISA flags and measured read bandwidth head the output;
+the int4 memory floor is the bytes of the experts a call touches (expected over the routing) over it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 import transformers
 
 from gmmquant import replace_experts
+from gmmquant.kernels.backends.cpu_autotune import isa_flags, machine_signature
+from moe_alternatives import ALTERNATIVES, read_bandwidth_gbs
 from timing import interleaved_medians
 
 VARIANTS = [("hf bf16 grouped_mm", None), ("gmmquant float", "float"), ("W8A16", "w8a16"),
@@ -41,7 +46,7 @@ def build_block(seed: int = 0) -> torch.nn.Module:
     return block.to(torch.bfloat16).eval()
 
 
-def variants(block: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+def variants(block: torch.nn.Module, alternatives: bool = True) -> dict[str, tuple[torch.nn.Module, int]]:
     out = {}
     for name, scheme in VARIANTS:
         if scheme is None:
@@ -51,12 +56,26 @@ def variants(block: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
         replaced = copy.deepcopy(block)
         report = replace_experts(replaced, None if scheme == "float" else scheme, backend="cpu")
         out[name] = (replaced, report.bytes_after)
+    if alternatives:
+        for name, cls in ALTERNATIVES.items():
+            alt = copy.deepcopy(block)
+            alt.experts = cls(block.experts)
+            out[name] = (alt, 0)
     return out
 
 
-def bench_block(tokens: list[int], reps: int) -> None:
+def int4_floor_ms(tokens: int, bandwidth_gbs: float, e: int = 128, top_k: int = 8, h: int = 2048, i: int = 768) -> float:
+    """Reading the int4 weights (+ bf16 group-128 scales) of the experts a call is expected to touch."""
+    touched = e * (1 - (1 - top_k / e) ** tokens)
+    per_expert = 3 * h * i * (0.5 + 2 / 128)
+    return touched * per_expert / (bandwidth_gbs * 1e9) * 1e3
+
+
+def bench_block(tokens: list[int], reps: int, alternatives: bool = True) -> None:
     block = build_block()
-    models = variants(block)
+    models = variants(block, alternatives)
+    bandwidth = read_bandwidth_gbs()
+    print(f"measured read bandwidth {bandwidth:.1f} GB/s")
     rows = []
     for t in tokens:
         g = torch.Generator().manual_seed(t)
@@ -70,14 +89,16 @@ def bench_block(tokens: list[int], reps: int) -> None:
         rows.append((t, times))
         print(f"  block, {t} tokens: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in times.items()), flush=True)
     base = VARIANTS[0][0]
+    names = list(models)
     print()
-    print("| tokens | " + " | ".join(f"{n} ms" for n, _ in VARIANTS) + " | " + " | ".join(f"{n} speedup" for n, _ in VARIANTS[1:]) + " |")
-    print("|---:|" + "---:|" * (2 * len(VARIANTS) - 1))
+    print("| tokens | " + " | ".join(f"{n} ms" for n in names) + " | int4 floor ms | " + " | ".join(f"{n} vs HF" for n, _ in VARIANTS[1:]) + " |")
+    print("|---:|" + "---:|" * (len(names) + len(VARIANTS)))
     for t, times in rows:
-        cells = [f"{times[n]:.2f}" for n, _ in VARIANTS] + [f"{times[base] / times[n]:.2f}x" for n, _ in VARIANTS[1:]]
+        cells = [f"{times[n]:.2f}" for n in names] + [f"{int4_floor_ms(t, bandwidth):.2f}"]
+        cells += [f"{times[base] / times[n]:.2f}x" for n, _ in VARIANTS[1:]]
         print(f"| {t} | " + " | ".join(cells) + " |")
     print()
-    print("| experts memory | " + " | ".join(f"{n}: {b / 2**20:.0f} MiB" for n, (_, b) in models.items()) + " |")
+    print("| experts memory | " + " | ".join(f"{n}: {b / 2**20:.0f} MiB" for n, (_, b) in models.items() if b) + " |")
 
 
 def bench_generate(new_tokens: int = 32) -> None:
@@ -113,9 +134,11 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,4,16,2048")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--no-alternatives", action="store_true", help="only HF bf16 and gmmquant's schemes")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
-    bench_block([int(t) for t in args.tokens.split(",")], args.reps)
+    print(f"machine: {machine_signature()}; ISA flags: {' '.join(isa_flags()) or 'unknown'}")
+    bench_block([int(t) for t in args.tokens.split(",")], args.reps, not args.no_alternatives)
     if not args.skip_generate:
         bench_generate()
 

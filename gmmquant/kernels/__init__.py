@@ -4,6 +4,7 @@ This package imports only torch. torch_npu is imported lazily by the npu paths.
 """
 
 from .antiquant import antiquant_dequantize
+from .backends.cpu import prepack as prepack_for_cpu
 from .contract import check_grouped_matmul
 from .errors import GMMContractError
 from .grouped_matmul import grouped_matmul, select_backend
@@ -22,6 +23,7 @@ __all__ = [
     "dynamic_quant",
     "grouped_matmul",
     "pack_int4",
+    "prepack_for_cpu",
     "select_backend",
     "trans_quant_param",
     "unpack_int4",

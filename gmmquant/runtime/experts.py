@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import dynamic_quant, grouped_matmul
+from ..kernels.backends import cpu as cpu_backend
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.primitives import a8w4_kwargs, bias_dtype
 from ..pack.format import ExpertsSpec
@@ -114,10 +115,13 @@ class GMMProjection(nn.Module):
 
     def prepare(self) -> None:
         """Load-time work for the cpu backend: int8 weights move to `[E, N, K]` storage (still an `[E, K, N]`
-        view, the layout its int8 kernel reads without a copy); then one row through every expert makes
-        the backend build its other per-expert layouts (int4) now rather than on the first routed tokens."""
+        view, the layout its int8 kernels read without a copy); weight-only experts are prepacked for the
+        fused decode kernels (`kernels.prepack_for_cpu`) now rather than on their first routed tokens."""
         if self.qweight is not None and self.qweight.dtype == torch.int8 and self.qweight.stride(-1) == 1:
             self.qweight = self.qweight.transpose(1, 2).contiguous().transpose(1, 2)
+        if self.scheme is not None and self.scheme.weight_only:  # callers run this on the cpu backend only
+            cpu_backend.prepack(self.qweight, self.antiquant_scale, self.antiquant_offset)
+            return
         e = (self.weight if self.scheme is None else self.qweight).shape[0]
         k = (self.weight if self.scheme is None else self.qweight).shape[1]
         device = (self.weight if self.scheme is None else self.qweight).device

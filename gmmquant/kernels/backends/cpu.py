@@ -193,10 +193,12 @@ _forced = threading.local()
 
 def weight_only_kernel(plan: GMMPlan, g: Group, op: Operands) -> str:
     """"fused" or "dequant_gemm" for this group (see cpu_autotune)."""
+    if not _fused_supported(plan, op):
+        return DEQUANT
     forced = getattr(_forced, "choice", None)
     if forced is not None:
         return forced
-    if exact_weight_only() or not _fused_supported(plan, op):
+    if exact_weight_only():
         return DEQUANT
     scale = op.antiquant_scale
     key = KernelKey(f"w{plan.weight_bits}a16", str(op.x.dtype).replace("torch.", ""), rows_bucket(g.size),
@@ -246,6 +248,30 @@ def _measure(key: KernelKey, choice: str, reps: int) -> float:
 
 
 cpu_autotune.register_measure(_measure)
+
+
+def prepack(weight: Tensor, antiquant_scale: Tensor, antiquant_offset: Optional[Tensor] = None) -> None:
+    """Build the fused kernels' per-expert layouts of a weight-only weight now, not on its first routed tokens.
+
+    Repacking an int4 expert for `_weight_int4pack_mm_for_cpu` costs tens of ms (a 32 x 2048 x 1536 weight:
+    about a second); after this call every expert's packed weight and scale table is cached (see
+    `cached_repack`), for as long as `weight` lives and is not modified in place.
+
+    Args:
+        weight: `[E, K, N/8]` int32 (int4) or `[E, K, N]` int8, as passed to grouped_matmul.
+        antiquant_scale / antiquant_offset: `[E, N]` or `[E, G, N]` in the activation dtype.
+    """
+    from ..grouped_matmul import grouped_matmul  # noqa: PLC0415 - grouped_matmul imports this backend
+
+    e, k = weight.shape[0], weight.shape[1]
+    x = torch.zeros(e, k, dtype=antiquant_scale.dtype, device=weight.device)
+    _forced.choice = FUSED
+    try:
+        grouped_matmul([x], [weight], antiquant_scale=[antiquant_scale],
+                       antiquant_offset=None if antiquant_offset is None else [antiquant_offset],
+                       group_list=torch.ones(e, dtype=torch.int64), group_list_type=1, group_type=0, split_item=2, backend="cpu")
+    finally:
+        _forced.choice = None
 
 
 def run(plan: GMMPlan) -> list[Tensor]:
