@@ -24,11 +24,10 @@ SDISTS = {
     # name: (requirement or URL, file name, sha256, environment for pip's metadata step)
     "vllm-ascend": ("vllm-ascend==0.23.0.post1", "vllm_ascend-0.23.0.post1.tar.gz",
                     "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1", {"SOC_VERSION": "ascend910b1"}),
-    # vLLM's metadata step with VLLM_TARGET_DEVICE=empty reports version "0.23.0+empty", which pip refuses for
-    # the pinned requirement, so the release file is named by its index URL.
-    "vllm": ("https://files.pythonhosted.org/packages/68/c6/c4dc766b09e93de278693502612de0beba822983d4f609830406ead65cc9/vllm-0.23.0.tar.gz",
-             "vllm-0.23.0.tar.gz", "760269db3d9611e12e524681df1bca0977d5d2f5fcb4481cc34d33efc4ae7ff5",
-             {"VLLM_TARGET_DEVICE": "empty"}),
+    # vLLM's metadata step with VLLM_TARGET_DEVICE=empty reports "0.23.0+empty", which pip refuses as
+    # inconsistent with the release's file name; VLLM_VERSION_OVERRIDE makes it report the release's version.
+    "vllm": ("vllm==0.23.0", "vllm-0.23.0.tar.gz", "760269db3d9611e12e524681df1bca0977d5d2f5fcb4481cc34d33efc4ae7ff5",
+             {"VLLM_TARGET_DEVICE": "empty", "VLLM_VERSION_OVERRIDE": "0.23.0"}),
 }
 # What the test reads from each sdist (path prefixes inside the archive's top directory).
 KEEP = {"vllm-ascend": ("vllm_ascend/",), "vllm": ("vllm/model_executor/layers/fused_moe/layer.py",)}
@@ -58,7 +57,7 @@ def download(dest: Path) -> None:
         subprocess.run([py, "-m", "pip", "install", "-q", *BUILD_TOOLS], check=True)
         for name in missing:
             spec, file, digest, extra_env = SDISTS[name]
-            subprocess.run([py, "-m", "pip", "download", spec, "--no-deps", "--no-build-isolation", "-d", str(dest)],
+            subprocess.run([py, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", str(dest)],
                            check=True, env={**os.environ, **extra_env})
             got = sha256(dest / file)
             if got != digest:
