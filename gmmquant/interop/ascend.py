@@ -28,6 +28,7 @@ import torch
 from ..pack.checkpoint import copy_side_files, load_quantized
 from ..pack.format import FormatError
 from ..pack.schemes import QuantScheme
+from ..pack.safety import read_json_object
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .compressed_tensors import check_exportable
 from .export import expert_linears, float_experts_modules, float_tensors
@@ -58,7 +59,8 @@ def quant_type(scheme: QuantScheme) -> str:
     if not scheme.symmetric:
         raise FormatError(f"scheme {scheme.name!r}: asymmetric W4A16 cannot be exported to AscendV1 (rule: vllm-ascend's "
                           "W4A16 MoE method builds all-zero weight offsets and never loads them, so a zero point would be "
-                          "silently dropped); re-pack with --symmetric")
+                          "silently dropped); export it to compressed-tensors instead, which keeps zero points (re-packing with --symmetric "
+                          "would discard calibration work such as GPTQ)")
     if scheme.group_size is None:
         raise FormatError(f"scheme {scheme.name!r}: per-channel W4A16 cannot be exported to AscendV1 (rule: vllm-ascend's "
                           "W4A16 MoE method takes per-group scales with one global group_size)")
@@ -115,7 +117,7 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
     model_type = max(types.values(), key=PRIORITY.index)
     config = {k: v for k, v in ck.config.items() if k != "quantization_config"}
     config["quantize"] = model_type.lower()  # what MindIE reads; msModelSlim's examples set it the same way
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, protect=[checkpoint]) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name, t in tensors():
             writer.add(name, t)
@@ -199,11 +201,8 @@ def read_ascend(path: "str | os.PathLike") -> ForeignCheckpoint:
         FormatError: no or invalid quant_model_description.json, or a type / scheme the kernel cannot run.
     """
     root = Path(path)
-    try:
-        description = json.loads((root / DESCRIPTION).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FormatError(f"{root}/{DESCRIPTION}: missing or invalid ({err})") from err
-    config = json.loads((root / "config.json").read_text())
+    description = read_json_object(root / DESCRIPTION, DESCRIPTION)
+    config = read_json_object(root / "config.json", "config.json")
     config.pop("quantization_config", None)
     config.pop("quantize", None)
     reader = _Reader(description, str(root))
