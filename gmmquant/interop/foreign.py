@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..pack.format import DTYPES, ExpertsSpec, FormatError, validate_tensors
 from ..pack.layouts import ExpertsModuleInfo, find_experts_modules, meta_model
@@ -94,7 +94,7 @@ def read_all(root: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     out[name] = f.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise FormatError(f"{file}: corrupt or truncated safetensors file ({err})") from err
     return out
 
