@@ -356,7 +356,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; every error is one line on stderr and a non-zero exit (a traceback only with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as done:  # usage errors (one line, see _Parser) and -h: a return code, also in-process
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
