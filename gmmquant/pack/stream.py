@@ -84,7 +84,10 @@ class _ProjectionBuffer:
         """Quantize expert e's canonical `[K, N]` weight into slot e."""
         if tuple(w.shape) != (self.k, self.n):
             raise FormatError(f"{self.info.path}.{self.proj}: expert {e} has shape {list(w.shape)}, expected [K, N] = [{self.k}, {self.n}]")
-        qw = quantize_weight(w.unsqueeze(0), self.scheme, self.act_dtype)
+        try:
+            qw = quantize_weight(w.unsqueeze(0), self.scheme, self.act_dtype)
+        except ValueError as err:  # name the tensor: the message alone does not say where
+            raise FormatError(f"{self.info.path}.{self.proj}: expert {e}: {err}") from None
         if self.qweight is None:
             e_count = self.info.num_experts
             self.qweight = qw.qweight.new_empty((e_count, *qw.qweight.shape[1:]))

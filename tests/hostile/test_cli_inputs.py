@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from hostile_util import REPO, assert_clear_error, cli, edit_config, leftovers, run_python
+from hostile_util import REPO, assert_clear_error, cli, edit_config, leftovers
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -267,16 +268,18 @@ def test_read_only_output(capsys, source, read_only_dir):
     assert list(read_only_dir.iterdir()) == []
 
 
-def test_disk_full(source, tmp_path):
-    """`ulimit -f`: writes past 200 kB fail with EFBIG, as on a full disk; one line, nothing left behind."""
+def test_disk_full(capsys, source, tmp_path):
+    """`ulimit -f`: writes past 200 kB fail with EFBIG (Python ignores SIGXFSZ), as on a full disk; one line,
+    nothing left behind."""
     out = tmp_path / "o"
-    result = run_python(
-        "import resource, sys\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
-        "from gmmquant.cli import main\n"
-        f"sys.exit(main(['pack', {str(source)!r}, '-o', {str(out)!r}]))\n")
-    errors = [line for line in result.stderr.splitlines() if " error: " in line]
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        rc, _, err = cli(capsys, "pack", source, "-o", out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    errors = [line for line in err.splitlines() if " error: " in line]
+    assert rc == 1 and "Traceback" not in err
     assert len(errors) == 1 and "File too large" in errors[0] and "nothing was written" in errors[0]
     assert not out.exists() and leftovers(tmp_path) == []
 
