@@ -145,7 +145,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _local_config(path: str) -> Optional[dict]:
     """config.json of a local model directory (clear errors), or None for a hub id."""
-    from .pack.safety import read_json_object
+    from .pack.safety import read_model_config
 
     local = Path(path)
     looks_local = local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
@@ -153,7 +153,7 @@ def _local_config(path: str) -> Optional[dict]:
         return None
     if not local.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
-    return read_json_object(local / "config.json", "config.json")
+    return read_model_config(local / "config.json")
 
 
 def _check_seq_len(config: Optional[dict], seq_len: int, flag: str) -> None:

@@ -37,7 +37,7 @@ from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, we
 from ..pack.format import ExpertsSpec
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
-from ..pack.safety import check_output_target, read_json_object, scratch_dir
+from ..pack.safety import check_output_target, read_model_config, scratch_dir
 from ..recipes import Recipe, load_recipe
 from ..runtime.experts import GMMExperts, GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
@@ -343,7 +343,7 @@ def calibrate_model(
     src = Path(model)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
-    read_json_object(src / "config.json", "config.json")  # a clear FormatError for garbage, before transformers reads it
+    read_model_config(src / "config.json")  # a clear FormatError for garbage, before transformers reads it
     check_output_target(out_dir, overwrite, protect=[src])  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()

@@ -95,6 +95,24 @@ def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
     return data
 
 
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A model's config.json (`read_json_object`), refusing negative counts and sizes before transformers sees them.
+
+    Rule: every integer `num_*`, `*_size`, `*_dim` or `*experts*` setting (top level and `text_config`) is >= 0;
+    transformers would otherwise fail deep inside model construction ("negative dimension").
+    """
+    from .format import FormatError
+
+    config = read_json_object(path, "config.json")
+    sections = [("", config)] + [(f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    for prefix, section in sections:
+        for key, value in section.items():
+            sized = key.startswith(("num_", "n_")) or key.endswith(("_size", "_dim")) or "experts" in key
+            if sized and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise FormatError(f"{path}: {prefix}{key} is {value}; counts and sizes must not be negative")
+    return config
+
+
 def copy_tree_safely(source: Path, target: Path) -> None:
     """Copy a directory of regular files (and real subdirectories); refuse links to directories and special files."""
     target.mkdir()

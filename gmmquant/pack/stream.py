@@ -23,7 +23,7 @@ from .checkpoint import SaveReport, projection_tensors, save_quantized, weight_f
 from .format import ExpertsSpec, FormatError, is_ignored
 from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
 from .primitives import QuantizedWeight, activation_dtype, bias_dtype, quantize_weight
-from .safety import check_output_target, read_json_object
+from .safety import check_output_target, read_model_config
 from .schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def stream_pack(
     src = Path(model_dir)
     if not os.path.lexists(src / "config.json"):
         raise FormatError(f"{src}: no config.json; pass a Hugging Face model directory")
-    config_dict = read_json_object(src / "config.json", "config.json")  # before transformers reads it: clear errors
+    config_dict = read_model_config(src / "config.json")  # before transformers reads it: clear errors
     check_output_target(out_dir, overwrite, protect=[src])  # before any work: -o SRC, foreign files, exists
     config = AutoConfig.from_pretrained(src)
     act = activation_dtype(_config_dtype(config), act_dtype)

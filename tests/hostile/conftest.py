@@ -67,3 +67,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "hostile_full" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _global_dtype_unchanged():
+    """Nothing gmmquant does (validation builds models from configs) may leave torch's default dtype changed."""
+    import torch
+
+    before = torch.get_default_dtype()
+    yield
+    after = torch.get_default_dtype()
+    torch.set_default_dtype(before)
+    assert after == before, f"torch's default dtype changed to {after}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from hostile_util import REPO, assert_clear_error, cli, edit_config, leftovers
+from hostile_util import REPO, assert_clear_error, cli, edit_config, edit_tensors, leftovers
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -122,7 +122,21 @@ def test_mixtral_with_negative_expert_count(capsys, tmp_path):
     src = tmp_path / "mixtral"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(src)
     edit_config(src, lambda c: c.update(num_local_experts=-8))
-    assert_clear_error(capsys, ["pack", src, "-o", tmp_path / "o"])
+    assert_clear_error(capsys, ["pack", src, "-o", tmp_path / "o"], "num_local_experts is -8", "must not be negative")
+    assert_clear_error(capsys, ["calibrate", src, "-o", tmp_path / "o"], "num_local_experts is -8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pack_source_with_a_nan_weight(capsys, src_copy, tmp_path):
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"  # per-expert on disk, as transformers saves Qwen3-MoE
+
+    def poison(t):
+        w = t[name].clone()
+        w[0, 5] = float("nan")
+        t[name] = w
+    edit_tensors(src_copy, poison)
+    assert_clear_error(capsys, ["pack", src_copy, "-o", tmp_path / "o"], "model.layers.1.mlp.experts.down_proj: expert 3",
+                       "NaN or inf")
     assert not (tmp_path / "o").exists()
 
 

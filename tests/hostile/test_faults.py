@@ -185,21 +185,37 @@ def test_two_processes_one_output(capsys, source, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_concurrent_loads(packed_sym):
-    results, errors = [None, None], []
+def test_concurrent_readers(packed_sym):
+    """Readers take no lock: several threads validate and verify the same checkpoint at once."""
+    from gmmquant.pack.validate import checksum_problems, validate_checkpoint
 
-    def load(i):
+    results, errors = [], []
+
+    def read():
         try:
-            model = load_model(packed_sym)
-            results[i] = model(torch.tensor([[3, 1, 4, 1, 5]])).logits
+            results.append(checksum_problems(validate_checkpoint(packed_sym)))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=read) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and torch.equal(results[0], results[1])
+    assert not errors and len(results) == 3 and all(r == results[0] and not r[2] for r in results)
+
+
+@pytest.mark.hostile_full
+def test_concurrent_loads_in_two_processes(packed_sym):
+    """Two processes load the same checkpoint at once and compute the same logits. (Processes, not threads:
+    transformers' from_pretrained changes torch's global default dtype while it runs.)"""
+    code = (f"import torch, gmmquant; m = gmmquant.load_model({str(packed_sym)!r}); "
+            "print(m(torch.tensor([[3, 1, 4, 1, 5]])).logits.double().sum().item())")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert outs[0][0] == outs[1][0]
 
 
 # --- leftovers, scratch space, permissions, empty directories -------------------------------------------------
