@@ -6,8 +6,8 @@ import argparse
 import errno
 import json
 import sys
-import traceback
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -148,7 +148,7 @@ def _local_config(path: str) -> Optional[dict]:
     from .pack.safety import read_model_config
 
     local = Path(path)
-    looks_local = local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
+    looks_local = local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
     if not looks_local:
         return None
     if not local.is_dir():

@@ -344,7 +344,7 @@ def calibrate_model(
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
     read_model_config(src / "config.json")  # a clear FormatError for garbage, before transformers reads it
-    check_output_target(out_dir, overwrite, protect=[src])  # before hours of work: -o SRC, an existing output
+    check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()
     # Refuse what cannot work before loading any weight: no experts, shapes the scheme cannot pack.

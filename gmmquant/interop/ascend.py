@@ -27,8 +27,8 @@ import torch
 
 from ..pack.checkpoint import copy_side_files, load_quantized
 from ..pack.format import FormatError
-from ..pack.schemes import QuantScheme
 from ..pack.safety import read_json_object
+from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .compressed_tensors import check_exportable
 from .export import expert_linears, float_experts_modules, float_tensors

@@ -30,8 +30,8 @@ from torch import nn
 from ..pack.checkpoint import copy_side_files, load_quantized
 from ..pack.format import ExpertsSpec, FormatError
 from ..pack.layouts import meta_model
-from ..pack.schemes import QuantScheme
 from ..pack.safety import read_json_object
+from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .export import expert_linears, float_experts_modules, float_tensors, module_pattern
 from .foreign import ForeignCheckpoint, LinearFormat, make_scheme, read_all, read_foreign

@@ -19,12 +19,12 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..pack.checkpoint import weight_paths
 from ..pack.format import DTYPES, ExpertsSpec, FormatError, validate_tensors
 from ..pack.layouts import ExpertsModuleInfo, find_experts_modules, meta_model
 from ..pack.primitives import QuantizedWeight, activation_dtype
-from ..pack.schemes import QuantScheme
-from ..pack.checkpoint import weight_paths
 from ..pack.safety import UnsafeFileError, regular_file
+from ..pack.schemes import QuantScheme
 from ..pack.shards import INDEX_NAME
 from ..pack.validate import value_problem
 from .linears import LinearCodes, merge_projection

@@ -194,15 +194,38 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_target(out_dir: "str | os.PathLike", overwrite: bool, protect: Iterable["str | os.PathLike"] = ()) -> Path:
+def _probe_lock(out: Path) -> None:
+    """OutputBusyError now if a live process holds `out`'s lock (so a long job fails before it starts)."""
+    try:
+        fd = os.open(out.parent / f".{out.name}{LOCK_SUFFIX}", os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody is writing
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        raise OutputBusyError(f"{out}: another gmmquant process (pid {holder}) is writing this output directory; "
+                              "wait for it to finish or choose another output") from None
+    finally:
+        os.close(fd)
+
+
+def check_output_target(out_dir: "str | os.PathLike", overwrite: bool, protect: Iterable["str | os.PathLike"] = (),
+                        *, probe_lock: bool = False) -> Path:
     """Refuse an output path whose writing would destroy data gmmquant does not own; return it absolute.
+
+    `probe_lock`: also fail now if another process is writing it (for checks before long work; not while
+    holding the lock oneself).
 
     Raises:
         OutputError: the output is (or contains) a source in `protect`, is the current directory, a symlink or
             not a directory, or (with `overwrite`) holds files that no gmmquant manifest lists.
+        OutputBusyError: `probe_lock` and another process is writing it.
         FileExistsError: it exists, is not empty, and `overwrite` is false.
     """
     out = Path(os.path.abspath(out_dir))
+    if probe_lock and out.parent.is_dir():
+        _probe_lock(out)
     real = Path(os.path.realpath(out))
     for source in protect:
         src = Path(os.path.realpath(source))

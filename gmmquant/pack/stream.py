@@ -159,7 +159,7 @@ def stream_pack(
     if not os.path.lexists(src / "config.json"):
         raise FormatError(f"{src}: no config.json; pass a Hugging Face model directory")
     config_dict = read_model_config(src / "config.json")  # before transformers reads it: clear errors
-    check_output_target(out_dir, overwrite, protect=[src])  # before any work: -o SRC, foreign files, exists
+    check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before any work: -o SRC, foreign files, exists
     config = AutoConfig.from_pretrained(src)
     act = activation_dtype(_config_dtype(config), act_dtype)
     modules = find_experts_modules(meta_model(config))
