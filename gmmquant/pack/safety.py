@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import glob
 import json
 import os
@@ -26,6 +25,11 @@ import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; outputs are still atomic, but not locked against a second writer
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST = ".gmmquant-output.json"
 LOCK_SUFFIX = ".lock"
@@ -98,7 +102,7 @@ def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
 def read_model_config(path: Path) -> dict[str, Any]:
     """A model's config.json (`read_json_object`), refusing negative counts and sizes before transformers sees them.
 
-    Rule: every integer `num_*`, `*_size`, `*_dim` or `*experts*` setting (top level and `text_config`) is >= 0;
+    Rule: every integer `num_*`, `n_*`, `*_size`, `*_dim` or `*experts*` setting (top level and nested `*_config`) is >= 0;
     transformers would otherwise fail deep inside model construction ("negative dimension").
     """
     from .format import FormatError
@@ -127,6 +131,13 @@ def copy_tree_safely(source: Path, target: Path) -> None:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask alone must set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -135,6 +146,9 @@ def _umask() -> int:
 @contextlib.contextmanager
 def _parent_mutex(parent: Path) -> Iterator[None]:
     """A short exclusive section among gmmquant processes writing into `parent` (guards lock-file handover)."""
+    if fcntl is None:
+        yield
+        return
     fd = os.open(parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -150,6 +164,9 @@ def output_lock(out: Path) -> Iterator[None]:
     The kernel drops a flock when its process dies, so a killed writer never blocks the next run. The lock
     file is created and removed under a directory-wide mutex, so no two processes can lock different files.
     """
+    if fcntl is None:
+        yield
+        return
     lock = out.parent / f".{out.name}{LOCK_SUFFIX}"
     with _parent_mutex(out.parent):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -196,6 +213,8 @@ def _is_within(inner: Path, outer: Path) -> bool:
 
 def _probe_lock(out: Path) -> None:
     """OutputBusyError now if a live process holds `out`'s lock (so a long job fails before it starts)."""
+    if fcntl is None:
+        return
     try:
         fd = os.open(out.parent / f".{out.name}{LOCK_SUFFIX}", os.O_RDONLY)
     except OSError:
@@ -335,6 +354,8 @@ def atomic_output_dir(out_dir: "str | os.PathLike", overwrite: bool = False,
 
 def _clean_stale_scratch(base: Path, prefix: str) -> None:
     """Remove scratch directories whose owner died (their lock file can be locked again)."""
+    if fcntl is None:
+        return
     for path in base.glob(glob.escape(prefix) + "*"):
         lock = path / LOCK_SUFFIX
         try:
@@ -361,7 +382,8 @@ def scratch_dir(prefix: str = "gmmquant-scratch-") -> Iterator[str]:
     _clean_stale_scratch(base, prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     fd = os.open(path / ".lock-new", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
     os.replace(path / ".lock-new", path / LOCK_SUFFIX)  # visible to cleaners only once locked
     try:
         yield str(path)
