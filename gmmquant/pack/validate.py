@@ -85,8 +85,8 @@ def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" =
     if model is None:
         from transformers import AutoConfig
 
-        try:
-            model = meta_model(AutoConfig.for_model(**config))
+        try:  # through transformers' own reader of config.json (special floats, tuples), as from_pretrained does
+            model = meta_model(AutoConfig.from_pretrained(ck.path))
         except Exception as err:  # noqa: BLE001 - any config transformers cannot build is reported, not raised
             return [f"{ck.path / 'config.json'}: transformers cannot build model_type {model_type!r} from it "
                     f"({type(err).__name__}: {err})"]

@@ -341,3 +341,22 @@ def test_a_clean_checkpoint_loads_and_runs(packed_asym):
     model = load_model(packed_asym)
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert bool(torch.isfinite(logits).all())
+
+
+def test_config_with_transformers_encoded_floats_validates(capsys, tmp_path):
+    """nemotron_h stores `time_step_limit: [0.0, {"__float__": "Infinity"}]`; validation reads config.json the
+    way transformers does, so a clean checkpoint of it is not refused."""
+    import transformers
+
+    from gmmquant.pack import get_scheme
+    from gmmquant.pack.stream import stream_pack
+
+    config = transformers.NemotronHConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, hybrid_override_pattern="E*", n_routed_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, n_shared_experts=1, moe_shared_expert_intermediate_size=32,
+                                          mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    assert "__float__" in (tmp_path / "src" / "config.json").read_text()
+    stream_pack(tmp_path / "src", tmp_path / "ck", get_scheme("w8a16"))
+    rc, out, err = cli(capsys, "inspect", tmp_path / "ck")
+    assert rc == 0 and "validation: OK" in out, err
