@@ -100,7 +100,8 @@ def read_json_object(path: Path, what: str = "JSON file") -> dict[str, Any]:
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
-    """A model's config.json (`read_json_object`), refusing negative counts and sizes before transformers sees them.
+    """A model's config.json (`read_json_object`), refusing negative counts and sizes before transformers sees them,
+    and special files (FIFOs, devices) anywhere at the top of the model directory.
 
     Rule: every integer `num_*`, `n_*`, `*_size`, `*_dim` or `*experts*` setting (top level and nested `*_config`) is >= 0;
     transformers would otherwise fail deep inside model construction ("negative dimension").
@@ -108,6 +109,17 @@ def read_model_config(path: Path) -> dict[str, Any]:
     from .format import FormatError
 
     config = read_json_object(path, "config.json")
+    special = []
+    for entry in Path(path).parent.iterdir():  # a FIFO among the files transformers reads (tokenizer...) would hang
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError:
+            continue  # a dangling link: whoever needs it reports it missing
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+            special.append(entry.name)
+    if special:
+        raise FormatError(f"{Path(path).parent}: {sorted(special)} are FIFOs, devices or sockets (rule: model directories "
+                          "hold regular files only; reading one could hang or never end)")
     sections = [("", config)] + [(f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
     for prefix, section in sections:
         for key, value in section.items():

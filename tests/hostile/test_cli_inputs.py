@@ -156,13 +156,35 @@ def test_pack_source_index_weight_map_list(capsys, src_copy, tmp_path):
 
 def test_pack_fifo_in_the_source(capsys, src_copy, tmp_path):
     os.mkfifo(src_copy / "special_tokens_map.json")
-    assert_clear_error(capsys, ["pack", src_copy, "-o", tmp_path / "o"], "special_tokens_map.json", "a FIFO")
+    assert_clear_error(capsys, ["pack", src_copy, "-o", tmp_path / "o"], "special_tokens_map.json", "FIFOs, devices")
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval"])
+def test_fifo_tokenizer_does_not_hang(capsys, src_copy, tmp_path, command):
+    (src_copy / "tokenizer.json").unlink()
+    os.mkfifo(src_copy / "tokenizer.json")
+    args = ["-o", tmp_path / "o"] if command == "calibrate" else ["--max-windows", "1"]
+    assert_clear_error(capsys, [command, src_copy, *args], "tokenizer.json", "FIFOs, devices or sockets")
 
 
 def test_pack_side_file_linked_to_dev_zero(capsys, src_copy, tmp_path):
     (src_copy / "merges.txt").symlink_to("/dev/zero")
-    assert_clear_error(capsys, ["pack", src_copy, "-o", tmp_path / "o"], "merges.txt", "a device")
+    assert_clear_error(capsys, ["pack", src_copy, "-o", tmp_path / "o"], "merges.txt", "FIFOs, devices")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_save_model_source_dir_with_a_fifo(source, tmp_path):
+    """save_model copies side files itself (no config read first): the copy refuses the FIFO, nothing appears."""
+    import gmmquant
+
+    side = tmp_path / "side"
+    side.mkdir()
+    os.mkfifo(side / "vocab.txt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    gmmquant.replace_experts(model, "w8a16")
+    with pytest.raises(ValueError, match="vocab.txt: side file is a FIFO"):
+        gmmquant.save_model(model, tmp_path / "o", source_dir=side)
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
 
 
