@@ -1,12 +1,9 @@
 """Helpers of the hostile-input battery: break checkpoints in specific ways, run the CLI and check its
-one-line error promise, run code in a fresh process."""
+one-line error promise."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -52,12 +49,6 @@ def assert_clear_error(capsys, args, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
-
-
-def run_python(code: str, *, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh process with this worktree first on the path."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), **(env or {})}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, **kw)
 
 
 def leftovers(parent: Path) -> list[str]:
