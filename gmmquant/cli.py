@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -127,6 +129,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     cal = recipe.calibration
+    _check_seq_len(_local_config(model), cal.seq_len, "--seq-len (calibration.seq_len)")
     print(f"calibrating {args.model or 'the built-in model'} with recipe {recipe.name!r} ({recipe.description or recipe.scheme}); "
           f"data: {cal.dataset}, {cal.num_samples} x {cal.seq_len} tokens, seed {cal.seed}"
           f"{', all experts see all tokens' if cal.all_experts else ''}")
@@ -149,8 +152,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_config(path: str) -> Optional[dict]:
+    """config.json of a local model directory (clear errors), or None for a hub id."""
+    from .pack.safety import read_model_config
+
+    local = Path(path)
+    looks_local = local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
+    if not looks_local:
+        return None
+    if not local.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    return read_model_config(local / "config.json")
+
+
+def _check_seq_len(config: Optional[dict], seq_len: int, flag: str) -> None:
+    """Refuse windows longer than the model's positions (the outputs past them are meaningless)."""
+    text = (config or {}).get("text_config") if isinstance((config or {}).get("text_config"), dict) else config or {}
+    limit = text.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"{flag} {seq_len} exceeds the model's max_position_embeddings {limit}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a float model or a gmmquant checkpoint on held-out text."""
+    import math
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .builtin import resolve_model
@@ -160,14 +186,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pack.format import QUANT_METHOD
     from .runtime import load_model
 
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len {args.seq_len}: must be >= 2 (perplexity predicts each token from the ones before)")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows {args.max_windows}: must be >= 1")
     path = resolve_model(args.model)
-    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
-    quantized = (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    config = _local_config(path) or {}
+    _check_seq_len(config, args.seq_len, "--seq-len")
+    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config.get("quantization_config"), dict) else None
+    quantized = method == QUANT_METHOD
     foreign = detect_format(path)  # compressed-tensors / AscendV1 run through our runtime too
-    model = load_model(path) if quantized or foreign else AutoModelForCausalLM.from_pretrained(path).eval()
+    texts = load_texts(args.dataset, "heldout")  # before the model: a bad --dataset fails fast
+    try:
+        model = load_model(path) if quantized or foreign else AutoModelForCausalLM.from_pretrained(path).eval()
+    except ImportError as err:  # e.g. AutoRound / GPTQ checkpoints need their own packages in transformers
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: transformers cannot load its quantization_config.quant_method {method!r} here ({first}); "
+                         "gmmquant itself runs gmmquant, compressed-tensors and AscendV1 checkpoints") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = load_texts(args.dataset, "heldout")
     ppl = perplexity(model, tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_windows)
+    if not math.isfinite(ppl):
+        raise ValueError(f"{args.model or 'builtin'}: perplexity is {ppl}: the model produced non-finite logits "
+                         "(check its weights with `gmmquant inspect --verify`)")
     schemes = sorted({m["scheme"]["name"] for m in config["quantization_config"]["modules"].values()}) if quantized else []
     kind = f"gmmquant {', '.join(schemes)}" if quantized else f"{foreign}, loaded by gmmquant" if foreign else "float"
     print(f"{args.model or 'builtin'} ({kind}): perplexity {ppl:.4f} on {args.dataset or 'builtin'} held-out text "
@@ -180,7 +220,6 @@ def _inspect_foreign(path: str, fmt: str, show_all: bool) -> int:
     from .interop import read_checkpoint
     from .interop.foreign import safetensors_files
     from .pack.checkpoint import read_header
-    from .pack.format import FormatError
 
     root = Path(path)
     if fmt == "ascend":
@@ -192,14 +231,10 @@ def _inspect_foreign(path: str, fmt: str, show_all: bool) -> int:
         qc = json.loads((root / "config.json").read_text())["quantization_config"]
         detail = f"compressed-tensors (vLLM): format {qc.get('format')}, config groups {sorted(qc.get('config_groups', {}))}"
     print(f"{root}: {detail}")
-    try:
-        headers = {}
-        for file in safetensors_files(root):
-            headers.update(read_header(file))
-        ck = read_checkpoint(root)
-    except FormatError as err:
-        print(f"INVALID: {err}")
-        return 1
+    headers = {}
+    for file in safetensors_files(root):  # FormatError: main prints it on one line and exits 2
+        headers.update(read_header(file))
+    ck = read_checkpoint(root)
     for prefix, spec in ck.specs.items():
         shapes = ", ".join(f"{p} K={k} N={n}" for p, (k, n) in spec.projections.items())
         print(f"  {prefix}: {spec.scheme.name} (E={spec.num_experts}; {shapes})")
@@ -216,19 +251,16 @@ def _inspect_foreign(path: str, fmt: str, show_all: bool) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Describe a gmmquant, AscendV1 or compressed-tensors checkpoint and validate it."""
+    """Describe a gmmquant, AscendV1 or compressed-tensors checkpoint and validate it (with --verify, gmmquant
+    checkpoints: every byte against its checksum)."""
     from .interop.load import detect_format
-    from .pack.checkpoint import load_quantized
     from .pack.format import FormatError
+    from .pack.validate import checksum_problems, validate_checkpoint
 
     fmt = detect_format(args.checkpoint)
     if fmt is not None:
         return _inspect_foreign(args.checkpoint, fmt, args.all)
-    try:
-        ck = load_quantized(args.checkpoint)
-    except FormatError as err:
-        print(f"INVALID: {err}")
-        return 1
+    ck = validate_checkpoint(args.checkpoint)  # FormatError: main prints it on one line and exits 2
     qc = ck.config["quantization_config"]
     print(f"{ck.path}: gmmquant format v{qc['format_version']}, activations {qc['act_dtype']}, "
           f"{len(ck.specs)} quantized experts modules, ignore {ck.ignore}")
@@ -243,6 +275,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.all or any(name.startswith(p + ".") for p in ck.specs):
             print(f"{name:<60}{str(dtype).replace('torch.', ''):>10}{str(list(shape)):>22}{nbytes:>14,}")
     print(f"{len(ck.headers)} tensors in {len(set(ck.weight_map.values()))} file(s), {_mb(total)}; validation: OK")
+    if args.verify:
+        read, verified, problems = checksum_problems(ck)
+        if problems:
+            raise FormatError(f"{ck.path}: verification failed:\n  " + "\n  ".join(problems))
+        print(f"verify: read all {read} tensors; {verified} SHA-256 checksum(s) match"
+              + (f"; {read - verified} tensor(s) have no recorded checksum (saved without them)" if read > verified else ""))
     return 0
 
 
@@ -315,8 +353,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (the usage itself is one `-h` away)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _size(text: str) -> str:
+    from .pack.shards import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmmquant", description="Quantized MoE experts on grouped-matmul kernels.")
+    parser = _Parser(prog="gmmquant", description="Quantized MoE experts on grouped-matmul kernels.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("selftest", help="check every grouped-matmul mode of a backend against the reference formulas")
     p.add_argument("--backend", choices=["reference", "cpu", "cuda", "npu"], default=None)
@@ -333,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="store antiquant_offset = -zero_point")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="experts module paths to keep in float (fnmatch), repeatable")
     p.add_argument("--act-dtype", choices=["bf16", "fp16"], default=None, help="activation dtype (default: the config's)")
-    p.add_argument("--max-shard-size", default="2GB", help="output shard bound")
+    p.add_argument("--max-shard-size", default="2GB", type=_size, help="output shard bound")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -356,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points (overrides the recipe)")
     p.add_argument("--device", default="cpu", help="compute device of the current layer (cpu, cuda, npu)")
     p.add_argument("--no-offload", action="store_true", help="load the whole model in memory instead of layer by layer")
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB", type=_size)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
@@ -370,13 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe and validate a gmmquant, AscendV1 or compressed-tensors checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the quantized experts")
+    p.add_argument("--verify", action="store_true", help="read every tensor back and check the SHA-256 recorded at save")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="export a gmmquant checkpoint for vllm-ascend / MindIE (ascend) or vLLM (compressed-tensors)")
     p.add_argument("checkpoint")
     p.add_argument("--to", required=True, choices=["ascend", "compressed-tensors"], help="target format (docs/INTEROP.md)")
     p.add_argument("-o", "--output", required=True, help="directory to create")
-    p.add_argument("--max-shard-size", default="4GB", help="output shard bound")
+    p.add_argument("--max-shard-size", default="4GB", type=_size, help="output shard bound")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -392,13 +449,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one line: its message (problem lists joined with '; '), OSErrors as 'reason: path'."""
+    if isinstance(err, OSError) and err.strerror:  # from the system (FileExistsError("message") has no strerror)
+        text = f"{err.strerror}: {err.filename}" + (f" -> {err.filename2}" if err.filename2 else "") if err.filename else err.strerror
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+            text += " (nothing was written: outputs appear only when complete)"
+    elif isinstance(err, ImportError):
+        text = f"a required package is missing: {err}"
+    else:
+        text = str(err) or type(err).__name__
+        if not isinstance(err, (ValueError, OSError, KeyError)):
+            text = f"{type(err).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else type(err).__name__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the CLI; every error is one line on stderr and a non-zero exit (a traceback only with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as done:  # usage errors (one line, see _Parser) and -h: a return code, also in-process
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:  # FormatError, SchemeError, contract errors
-        print(f"gmmquant {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"gmmquant {args.command}: interrupted (nothing was written: outputs appear only when complete)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a raw traceback
+        if debug:
+            traceback.print_exc()
+        print(f"gmmquant {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        # 2: bad input (checkpoint, arguments, data); 1: the system refused (disk, permissions) or a bug
+        return 2 if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, KeyError)) else 1
 
 
 if __name__ == "__main__":

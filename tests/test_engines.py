@@ -118,6 +118,6 @@ def test_inspect_reports_an_invalid_ascend_directory(exports, tmp_path, capsys):
         tensors = load_file(file)
         tensors = {k: v for k, v in tensors.items() if "experts.2.up_proj" not in k}
         save_file(tensors, file, metadata={"format": "pt"})
-    assert main(["inspect", str(bad)]) == 1
-    out = capsys.readouterr().out
-    assert "INVALID" in out and "missing for (expert, part) [(2, 1)]" in out
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing for (expert, part) [(2, 1)]" in err[0]

@@ -19,9 +19,16 @@ class DatasetError(ValueError):
     """Calibration data that cannot be read or is too small; the message says which file or name."""
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -70,8 +77,8 @@ def load_texts(dataset: Optional[str] = None, split: str = "train") -> list[str]
     path = Path(dataset)
     if path.suffix in (".txt", ".jsonl", ".json"):
         if not path.is_file():
-            raise DatasetError(f"calibration file {str(path)!r} does not exist")
-        texts = _read_jsonl(path) if path.suffix != ".txt" else [path.read_text(encoding="utf-8")]
+            raise DatasetError(f"calibration file {str(path)!r} " + ("is not a regular file" if path.exists() else "does not exist"))
+        texts = _read_jsonl(path) if path.suffix != ".txt" else [_read_text(path)]
     else:
         texts = _read_datasets(dataset, "test" if split == "heldout" else split)
     texts = [t for t in texts if t.strip()]

@@ -25,7 +25,6 @@ import gc
 import json
 import logging
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -38,6 +37,7 @@ from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, we
 from ..pack.format import ExpertsSpec
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
+from ..pack.safety import check_output_target, read_model_config, scratch_dir
 from ..recipes import Recipe, load_recipe
 from ..runtime.experts import GMMExperts, GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
@@ -343,6 +343,8 @@ def calibrate_model(
     src = Path(model)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
+    read_model_config(src / "config.json")  # a clear FormatError for garbage, before transformers reads it
+    check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()
     # Refuse what cannot work before loading any weight: no experts, shapes the scheme cannot pack.
@@ -374,7 +376,7 @@ def calibrate_model(
                            f"of {vocab}; the tokenizer files do not belong to this model")
     batches = list(ids.split(cal.batch_size))
 
-    with tempfile.TemporaryDirectory(prefix="gmmquant-offload-") as offload_dir:
+    with scratch_dir("gmmquant-offload-") as offload_dir:  # a killed run's offload copy: removed by the next run
         kwargs = {"device_map": device_map, "experts_implementation": "gmm"}  # our float GMM path: faster on CPU
         if offload:
             kwargs["offload_folder"] = offload_dir

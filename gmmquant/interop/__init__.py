@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..pack.validate import validate_checkpoint
 from .ascend import export_ascend, read_ascend
 from .compressed_tensors import export_compressed_tensors, read_compressed_tensors
 from .load import ASCEND, COMPRESSED_TENSORS, detect_format, load_foreign_model, read_checkpoint
@@ -21,6 +22,7 @@ def export_checkpoint(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLi
     (`max_shard_size`, `overwrite`). Raises FormatError for a scheme the target cannot represent."""
     if to not in TARGETS:
         raise ValueError(f"unknown export target {to!r}; choose one of {sorted(TARGETS)}")
+    validate_checkpoint(checkpoint)  # values and model structure too: nothing half-valid is converted
     return TARGETS[to](checkpoint, out_dir, **kwargs)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..pack.checkpoint import copy_side_files, load_quantized
 from ..pack.format import FormatError
+from ..pack.safety import read_json_object
 from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .compressed_tensors import check_exportable
@@ -205,7 +206,7 @@ def export_ascend(checkpoint: "str | os.PathLike", out_dir: "str | os.PathLike",
     model_type = max(types.values(), key=PRIORITY.index)
     config = {k: v for k, v in ck.config.items() if k != "quantization_config"}
     config["quantize"] = model_type.lower()  # what MindIE reads; msModelSlim's examples set it the same way
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, protect=[checkpoint]) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name, t in tensors():
             writer.add(name, t)
@@ -349,11 +350,8 @@ def read_ascend(path: "str | os.PathLike") -> ForeignCheckpoint:
         FormatError: no or invalid quant_model_description.json, or a type / scheme the kernel cannot run.
     """
     root = Path(path)
-    try:
-        description = json.loads((root / DESCRIPTION).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FormatError(f"{root}/{DESCRIPTION}: missing or invalid ({err})") from err
-    config = json.loads((root / "config.json").read_text())
+    description = read_json_object(root / DESCRIPTION, DESCRIPTION)
+    config = read_json_object(root / "config.json", "config.json")
     config.pop("quantization_config", None)
     config.pop("quantize", None)
     reader = _Reader(description, str(root))

@@ -30,6 +30,7 @@ from torch import nn
 from ..pack.checkpoint import copy_side_files, load_quantized
 from ..pack.format import ExpertsSpec, FormatError
 from ..pack.layouts import meta_model
+from ..pack.safety import read_json_object
 from ..pack.schemes import QuantScheme
 from ..pack.shards import ShardWriter, atomic_output_dir, parse_size
 from .export import expert_linears, float_experts_modules, float_tensors, module_pattern
@@ -184,7 +185,7 @@ def read_compressed_tensors(path: "str | os.PathLike") -> ForeignCheckpoint:
         FormatError: not a compressed-tensors checkpoint, or a scheme the kernel cannot run.
     """
     root = Path(path)
-    config = json.loads((root / "config.json").read_text())
+    config = read_json_object(root / "config.json", "config.json")
     qc = config.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{root}: config.json has no quantization_config with quant_method {QUANT_METHOD!r}")
@@ -279,7 +280,7 @@ def export_compressed_tensors(checkpoint: "str | os.PathLike", out_dir: "str | o
         for spec, base, codes in expert_linears(ck, naming):
             yield from linear_tensors(base, codes, spec.scheme).items()
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, protect=[checkpoint]) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name, t in tensors():
             writer.add(name, t)

@@ -26,7 +26,9 @@ def _vllm_ascend(scheme: QuantScheme) -> Optional[str]:
                 "NotImplementedError on an MoE layer")
     if scheme.weight_only and not scheme.symmetric:
         return ("asymmetric W4A16: vllm-ascend's W4A16 MoE method builds all-zero weight offsets and never loads them, "
-                "so a zero point would be silently dropped; quantize with --symmetric (gmmquant pack / calibrate)")
+                "so a zero point would be silently dropped; export this checkpoint to compressed-tensors instead, which keeps "
+                "zero points, or quantize with --symmetric before calibrating (re-packing a finished checkpoint would "
+                "discard calibration work such as GPTQ)")
     if scheme.weight_only and scheme.group_size is None:
         return "per-channel W4A16: vllm-ascend's W4A16 MoE method takes per-group scales with one global group_size"
     return None  # w8a8-static goes out as W8A8_MIX, which vllm-ascend runs with dynamic per-token activations

@@ -10,20 +10,23 @@ shared experts) are dequantized, because gmmquant's kernels run experts only.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from ..pack.checkpoint import weight_paths
 from ..pack.format import DTYPES, ExpertsSpec, FormatError, validate_tensors
 from ..pack.layouts import ExpertsModuleInfo, find_experts_modules, meta_model
 from ..pack.primitives import QuantizedWeight, activation_dtype
+from ..pack.safety import UnsafeFileError, regular_file
 from ..pack.schemes import QuantScheme
 from ..pack.shards import INDEX_NAME
+from ..pack.validate import value_problem
 from .linears import LinearCodes, merge_projection
 from .naming import Naming
 
@@ -72,19 +75,15 @@ class ForeignCheckpoint:
 def safetensors_files(root: Path) -> list[Path]:
     """The weight files of a directory: those its `model.safetensors.index.json` names, else every *.safetensors."""
     index = root / INDEX_NAME
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise FormatError(f"{index}: not a valid safetensors index ({err})") from err
-        missing = [f for f in files if not (root / f).is_file()]
-        if missing:
-            raise FormatError(f"{root}: the index names shard(s) that do not exist: {missing}")
-        return [root / f for f in files]
+    if os.path.lexists(index):  # names checked: inside the directory, regular files (pack.safety)
+        return sorted(set(weight_paths(root).values()))
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FormatError(f"{root}: no *.safetensors weight files")
-    return files
+    try:
+        return [regular_file(f, "weights file") for f in files]
+    except UnsafeFileError as err:
+        raise FormatError(str(err)) from err
 
 
 def read_all(root: Path) -> dict[str, torch.Tensor]:
@@ -95,7 +94,7 @@ def read_all(root: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     out[name] = f.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise FormatError(f"{file}: corrupt or truncated safetensors file ({err})") from err
     return out
 
@@ -219,6 +218,10 @@ def read_foreign(root: Path, fmt: LinearFormat, config: dict[str, Any], tensors:
             for n, t in (("qweight", qw.qweight), ("antiquant_scale" if qw.scheme.weight_only else "weight_scale", qw.scale),
                          ("antiquant_offset", qw.offset)) if t is not None}
     problems = validate_tensors(specs, seen)
+    problems += [v for p, projs in quantized.items() for proj, qw in projs.items()
+                 for n, t in (("antiquant_scale" if qw.scheme.weight_only else "weight_scale", qw.scale),
+                              ("antiquant_offset", qw.offset)) if t is not None
+                 for v in [value_problem(f"{p}.{proj}.{n}", t)] if v]  # NaN / zero scales (pack.validate)
     if problems:
         raise FormatError(f"{root}: the converted experts would not run on the kernel:\n  " + "\n  ".join(problems))
 

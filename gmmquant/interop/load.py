@@ -8,7 +8,6 @@ GMM kernel too, as `replace_experts(model)` does). No float copy of a quantized 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..pack.format import FormatError
 from ..pack.layouts import find_experts_modules
+from ..pack.safety import read_json_object
 from ..runtime.replace import replace_experts
 from .foreign import ForeignCheckpoint, config_dtype
 
@@ -36,8 +36,8 @@ def detect_format(path: "str | os.PathLike") -> Optional[str]:
     if (root / ASCEND_DESCRIPTION).is_file():
         return ASCEND
     try:
-        qc = json.loads((root / "config.json").read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        qc = read_json_object(root / "config.json", "config.json").get("quantization_config")
+    except (OSError, FormatError):  # not a model directory (or an unreadable one): the callers say so
         return None
     return COMPRESSED_TENSORS if isinstance(qc, dict) and qc.get("quant_method") == COMPRESSED_TENSORS else None
 

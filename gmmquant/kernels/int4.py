@@ -39,7 +39,7 @@ def pack_int4(values: Tensor) -> Tensor:
         return torch_npu.npu_convert_weight_to_int4pack(values.to(torch.int32))
     # Shift in int64 so that a top nibble >= 8 does not overflow; the shifted nibbles occupy disjoint bits,
     # so their sum is their bitwise OR. The word is then wrapped into int32's range.
-    nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, 8)
+    nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], values.shape[-1] // 8, 8)  # not -1: empty inputs
     words = (nibbles << INT4_SHIFTS.to(device=values.device, dtype=torch.int64)).sum(dim=-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 

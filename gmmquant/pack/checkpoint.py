@@ -29,7 +29,9 @@ from .format import (
     validate_tensors,
 )
 from .primitives import QuantizedWeight
-from .shards import INDEX_NAME, SAFETENSORS_TO_TORCH, SINGLE_NAME, ShardWriter, atomic_output_dir, parse_size
+from .safety import UnsafeFileError, atomic_output_dir, copy_tree_safely, member_file, read_json_object, regular_file
+from .shards import INDEX_NAME, SAFETENSORS_TO_TORCH, SINGLE_NAME, ShardWriter, parse_size
+from .validate import unexpected_tensor_problems, value_problem, values_problems
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +66,11 @@ def copy_side_files(source_dir: Optional[Path], target: Path) -> list[str]:
     for path in sorted(Path(source_dir).iterdir()):
         if path.name in SKIPPED_FILES or path.name.endswith(WEIGHT_FILE_SUFFIXES) or path.name.startswith("."):
             continue
-        if path.is_dir():
-            shutil.copytree(path, target / path.name)
-        else:
-            shutil.copy2(path, target / path.name)
+        if path.is_dir() and not path.is_symlink():
+            copy_tree_safely(path, target / path.name)
+        else:  # a FIFO, device or linked directory would hang or copy without end: refused, naming it
+            shutil.copyfile(regular_file(path, "side file"), target / path.name)
+            shutil.copystat(path, target / path.name)
         copied.append(path.name)
     return copied
 
@@ -92,6 +95,7 @@ def save_quantized(
     max_shard_size: "int | str" = "2GB",
     overwrite: bool = False,
     extra_files: Optional[dict[str, str]] = None,
+    checksums: bool = True,
 ) -> SaveReport:
     """Write a gmmquant checkpoint atomically.
 
@@ -110,23 +114,25 @@ def save_quantized(
         overwrite: replace an existing `out_dir` (still atomically).
         extra_files: file name -> text, written after every tensor was consumed (so a generator of
             `tensors` may still fill it in, e.g. a calibration report).
+        checksums: record every tensor's SHA-256 in its shard's metadata (`gmmquant inspect --verify`).
 
     Raises:
         FormatError: the tensors do not form a valid checkpoint for `specs` (nothing is written).
+        OutputError, OutputBusyError, FileExistsError: see `safety.atomic_output_dir` (`source_dir` is protected).
     """
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size), metadata={"gmmquant_format_version": str(FORMAT_VERSION)})
+    shard_bytes = parse_size(max_shard_size)
+    with atomic_output_dir(out_dir, overwrite=overwrite, protect=[source_dir] if source_dir else []) as tmp:
+        writer = ShardWriter(tmp, shard_bytes, metadata={"gmmquant_format_version": str(FORMAT_VERSION)}, checksums=checksums)
         seen: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for name, tensor in tensors:
             if expert_tensor_owner(name, specs) is not None:
                 seen[name] = (tensor.dtype, tuple(tensor.shape))
-                if name.endswith("scale") and not bool(torch.isfinite(tensor).all()):
-                    raise FormatError(f"refusing to write {name}: it holds NaN or inf values")
+                problem = value_problem(name, tensor)
+                if problem:
+                    raise FormatError(f"refusing to write {problem}")
             writer.add(name, tensor)
-        problems = validate_tensors(specs, seen)
-        unexpected = sorted(set(seen) - {n for s in specs.values() for n in s.expected_tensors()})
-        problems += [f"unexpected tensor {n} inside a quantized experts module" for n in unexpected]
+        problems = validate_tensors(specs, seen) + unexpected_tensor_problems(specs, seen)
         if problems:
             raise FormatError("refusing to write an invalid checkpoint:\n  " + "\n  ".join(problems))
         weight_map = writer.close()
@@ -144,20 +150,40 @@ def save_quantized(
 
 def weight_files(path: Path) -> dict[str, str]:
     """tensor name -> shard file of a model directory (from the index, or the single file's header)."""
+    return {name: str(file.relative_to(path)) for name, file in weight_paths(path).items()}
+
+
+def weight_paths(path: Path) -> dict[str, Path]:
+    """tensor name -> shard path, every shard checked: a plain name inside `path`, a regular file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError(f"{path}: not a directory" if path.exists() else f"{path}: no such model directory")
     index = path / INDEX_NAME
-    if index.exists():
+    if os.path.lexists(index):
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+            raise FormatError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
+        bad = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str)), None)
+        if bad is not None:
+            raise FormatError(f"{index}: weight_map[{bad[0]!r}] is {bad[1]!r}, not a shard file name")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise FormatError(f"{index}: not a valid safetensors index ({err})") from err
-        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
-        if missing:
-            raise FormatError(f"{path}: the index names shard(s) that do not exist: {missing}")
-        return weight_map
+            files = {f: member_file(path, f, str(index)) for f in set(weight_map.values())}
+            missing = sorted(f for f, p in files.items() if not os.path.exists(p))
+            if missing:
+                raise FormatError(f"{path}: the index names shard(s) that do not exist: {missing}")
+            for p in files.values():
+                regular_file(p, "shard")
+        except UnsafeFileError as err:
+            raise FormatError(str(err)) from err
+        return {name: files[f] for name, f in weight_map.items()}
     single = path / SINGLE_NAME
-    if not single.is_file():
+    if not os.path.exists(single):
         raise FormatError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}")
-    return {name: SINGLE_NAME for name in read_header(single)}
+    try:
+        regular_file(single, "weights file")
+    except UnsafeFileError as err:
+        raise FormatError(str(err)) from err
+    return {name: single for name in read_header(single)}
 
 
 def read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -169,7 +195,7 @@ def read_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
                 sl = f.get_slice(name)
                 out[name] = (SAFETENSORS_TO_TORCH.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
             return out
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise FormatError(f"{file}: corrupt or truncated safetensors file ({err})") from err
 
 
@@ -227,21 +253,27 @@ def load_quantized(path: "str | os.PathLike", *, validate: bool = True) -> Quant
             corrupt shard, missing tensor, wrong dtype / shape, a module the kernel would reject).
     """
     root = Path(path)
+    if not root.is_dir():
+        raise FormatError(f"{root}: not a directory" if root.exists() else f"{root}: no such checkpoint directory")
     config_file = root / "config.json"
-    if not config_file.is_file():
+    if not os.path.lexists(config_file):
         raise FormatError(f"{root}: no config.json (not a model directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise FormatError(f"{config_file}: invalid JSON ({err})") from err
+    config = read_json_object(config_file, "config.json")
     specs, ignore, act_dtype = parse_quantization_config(config.get("quantization_config"))
     weight_map = weight_files(root)
     headers: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    problems = []
     for file in sorted(set(weight_map.values())):
-        headers.update(read_header(root / file))
+        for name, header in read_header(root / file).items():
+            if name in headers:  # two shards claim it: which one a loader takes is arbitrary
+                problems.append(f"{name} is stored in more than one shard (one of them {file})")
+            headers[name] = header
     if validate:
-        problems = validate_tensors(specs, headers)
-        problems += [f"{n} is in the index but not in its shard" for n in weight_map if n not in headers]
-        if problems:
-            raise FormatError(f"{root} is not a valid gmmquant checkpoint:\n  " + "\n  ".join(problems))
-    return QuantizedCheckpoint(root, config, specs, ignore, act_dtype, weight_map, headers)
+        problems += validate_tensors(specs, headers) + unexpected_tensor_problems(specs, headers)
+        problems += [f"{n} is in the index but not in its shard {weight_map[n]}" for n in weight_map if n not in headers]
+    ck = QuantizedCheckpoint(root, config, specs, ignore, act_dtype, weight_map, headers)
+    if validate and not problems:
+        problems = values_problems(ck)
+    if problems:
+        raise FormatError(f"{root} is not a valid gmmquant checkpoint:\n  " + "\n  ".join(problems))
+    return ck

@@ -10,6 +10,7 @@ mapping, which this module reads instead of hard-coding model families.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -115,11 +116,18 @@ def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
     return found
 
 
+_META_LOCK = threading.Lock()
+
+
 def meta_model(config: Any) -> nn.Module:
-    """The model of a config on the meta device: names, shapes and flags for free (no weights)."""
+    """The model of a config on the meta device: names, shapes and flags for free (no weights).
+
+    Serialised: `from_config` sets and restores torch's global default dtype, so two threads building at once
+    could leave it changed (seen as a bfloat16 default after concurrent validations).
+    """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with _META_LOCK, torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 

@@ -243,12 +243,18 @@ def quantize_weight(
         raise ValueError(f"act_dtype must be bfloat16 or float16 (the kernel's activation dtypes), got {act_dtype}")
     e, k, n = w.shape
     scheme.check_shape(k, n)
+    bad = int((~torch.isfinite(w)).sum()) if w.is_floating_point() else 0
+    if bad:  # NaN would silently become an arbitrary code (and scale 1): the source weights are broken
+        raise ValueError(f"the weight holds {bad} NaN or inf value(s); refusing to quantize it")
     wmin, wmax = minmax(w, scheme.group_size)
     if clip_min is not None:
         wmin = clip_min.float()
     if clip_max is not None:
         wmax = clip_max.float()
     scale, zero_point = stored_qparams(wmin, wmax, scheme, act_dtype)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"the weight's range (max |w| = {float(w.abs().max()):.3g}) overflows {act_dtype} scales; "
+                         "use bfloat16 activations")
     q = quantize(w, scale.float(), zero_point, scheme.weight_bits, scheme.group_size)
     qweight = pack_int4(q) if scheme.weight_bits == 4 else q
     offset = None if zero_point is None else antiquant_offset(zero_point, scale.dtype)

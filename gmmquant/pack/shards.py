@@ -1,26 +1,28 @@
 """Size-bounded safetensors shard writing into a directory that appears atomically.
 
-`atomic_output_dir` builds the checkpoint in a temporary sibling directory and renames it into place
-only when everything was written; on any error the temporary directory is removed, so an interrupted save
-never leaves a half checkpoint. `ShardWriter` streams tensors into shards of at most `max_shard_bytes`
+`atomic_output_dir` (safety.py) builds the checkpoint in a temporary sibling directory and swaps it into
+place only when everything was written; on any error the temporary directory is removed, so an interrupted
+save never leaves a half checkpoint. `ShardWriter` streams tensors into shards of at most `max_shard_bytes`
 (one tensor larger than the limit gets a shard of its own) without holding a shard in memory, and writes
 the HF index json.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Optional
 
 import torch
 
+from .safety import atomic_output_dir  # noqa: F401 - re-exported: writers import it from here
+
 INDEX_NAME = "model.safetensors.index.json"
+CHECKSUM_KEY = "gmmquant_sha256"
 SINGLE_NAME = "model.safetensors"
 SAFETENSORS_TO_TORCH = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -31,37 +33,24 @@ TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
 
 
 def parse_size(size: "int | str") -> int:
-    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes."""
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes (ValueError naming the rule for anything else, or <= 0)."""
+    value: "int | float"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"shard size {size!r}: expected a size like '2GB', '500MB', '2GiB' or a byte count")
     if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: "str | os.PathLike", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out_dir` when the block finishes without error."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        value = size
+    else:
+        text = size.strip().upper()
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+        factor = next((f for u, f in units.items() if text.endswith(u)), 1)
+        number = next((text[: -len(u)] for u in units if text.endswith(u)), text)
+        try:
+            value = float(number) * factor
+        except ValueError:
+            raise ValueError(f"shard size {size!r}: expected a size like '2GB', '500MB', '2GiB' or a byte count") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise ValueError(f"shard size {size!r}: must be a positive, finite number of bytes")
+    return int(value)
 
 
 class ShardWriter:
@@ -75,7 +64,11 @@ class ShardWriter:
     read back with `safetensors.safe_open` by the loader and the tests.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int, metadata: Optional[dict[str, str]] = None):
+    def __init__(self, directory: Path, max_shard_bytes: int, metadata: Optional[dict[str, str]] = None,
+                 checksums: bool = False):
+        """`checksums`: record each tensor's SHA-256 in its shard's `__metadata__` (`CHECKSUM_KEY`, a JSON
+        object name -> hex digest), which `gmmquant inspect --verify` checks."""
+        self.checksums: Optional[dict[str, str]] = {} if checksums else None
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -98,7 +91,10 @@ class ShardWriter:
         if self._data is None:
             self._data = open(self.directory / f"shard-{len(self._shards):05d}.data", "wb")
         if nbytes:
-            self._data.write(memoryview(flat.view(torch.uint8).numpy()))
+            data = memoryview(flat.view(torch.uint8).numpy())
+            self._data.write(data)
+        if self.checksums is not None:
+            self.checksums[name] = hashlib.sha256(data if nbytes else b"").hexdigest()
         self._entries[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
@@ -111,7 +107,10 @@ class ShardWriter:
         index = len(self._shards)
         self._data.close()
         data_path = self.directory / f"shard-{index:05d}.data"
-        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        metadata = dict(self.metadata)
+        if self.checksums is not None:
+            metadata[CHECKSUM_KEY] = json.dumps({n: self.checksums[n] for n in self._entries}, separators=(",", ":"))
+        header = json.dumps({"__metadata__": metadata, **self._entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
         with open(self.directory / f"shard-{index:05d}.tmp", "wb") as out, open(data_path, "rb") as data:
             out.write(struct.pack("<Q", len(header)))

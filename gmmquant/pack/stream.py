@@ -10,7 +10,6 @@ output shard, not the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .checkpoint import SaveReport, projection_tensors, save_quantized, weight_f
 from .format import ExpertsSpec, FormatError, is_ignored
 from .layouts import ExpertsModuleInfo, canonical, canonical_bias, disk_naming, find_experts_modules, meta_model
 from .primitives import QuantizedWeight, activation_dtype, bias_dtype, quantize_weight
+from .safety import check_output_target, read_model_config
 from .schemes import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,10 @@ class _ProjectionBuffer:
         """Quantize expert e's canonical `[K, N]` weight into slot e."""
         if tuple(w.shape) != (self.k, self.n):
             raise FormatError(f"{self.info.path}.{self.proj}: expert {e} has shape {list(w.shape)}, expected [K, N] = [{self.k}, {self.n}]")
-        qw = quantize_weight(w.unsqueeze(0), self.scheme, self.act_dtype)
+        try:
+            qw = quantize_weight(w.unsqueeze(0), self.scheme, self.act_dtype)
+        except ValueError as err:  # name the tensor: the message alone does not say where
+            raise FormatError(f"{self.info.path}.{self.proj}: expert {e}: {err}") from None
         if self.qweight is None:
             e_count = self.info.num_experts
             self.qweight = qw.qweight.new_empty((e_count, *qw.qweight.shape[1:]))
@@ -153,8 +156,10 @@ def stream_pack(
     from transformers import AutoConfig
 
     src = Path(model_dir)
-    if not (src / "config.json").is_file():
+    if not os.path.lexists(src / "config.json"):
         raise FormatError(f"{src}: no config.json; pass a Hugging Face model directory")
+    config_dict = read_model_config(src / "config.json")  # before transformers reads it: clear errors
+    check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before any work: -o SRC, foreign files, exists
     config = AutoConfig.from_pretrained(src)
     act = activation_dtype(_config_dtype(config), act_dtype)
     modules = find_experts_modules(meta_model(config))
@@ -162,6 +167,9 @@ def stream_pack(
         raise FormatError(f"{src}: model type {config.model_type!r} has no fused MoE experts modules in transformers; nothing to quantize")
     ignore = list(ignore or [])
     targets = {p: info for p, info in modules.items() if not is_ignored(p, ignore)}
+    if not targets:
+        raise FormatError(f"{src}: --ignore {ignore} matches every experts module ({sorted(modules)[:3]}...): nothing "
+                          "would be quantized, and a checkpoint without quantized modules is not a gmmquant checkpoint")
     naming = disk_naming(config.model_type)
     param_owner = {f"{p}.{proj}": (p, proj) for p, info in targets.items() for proj in info.projections}
     bias_owner = {f"{p}.{proj}_bias": (p, proj) for p, info in targets.items() if info.has_bias for proj in info.projections}
@@ -208,7 +216,6 @@ def stream_pack(
             missing = sorted(f"{p}.{proj}" for p, proj in buffers)
             raise FormatError(f"{src}: expert tensors incomplete for {missing} (missing experts or shards)")
 
-    config_dict = json.loads((src / "config.json").read_text())
     summary.report = save_quantized(out_dir, config=config_dict, specs=specs, tensors=tensors(), act_dtype=act,
                                     ignore=ignore, source_dir=src, max_shard_size=max_shard_size, overwrite=overwrite)
     return summary

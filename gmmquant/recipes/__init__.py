@@ -223,8 +223,12 @@ def load_recipe(name_or_path: "str | Path | Recipe | None" = None, **overrides: 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{label}: not valid YAML: {exc}") from None
-        recipe = parse_recipe(data, name=Path(label).stem)
+            raise RecipeError(f"{label}: not valid YAML: {' '.join(str(exc).split())}") from None
+        try:
+            recipe = parse_recipe(data, name=Path(label).stem)
+        except RecipeError as exc:  # name the file and the line of the offending key
+            line = _key_lines(text).get(str(exc).split(":", 1)[0])
+            raise RecipeError(f"{label}{f' line {line}' if line else ''}: {exc}") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(CalibrationSettings)})
@@ -236,12 +240,35 @@ def load_recipe(name_or_path: "str | Path | Recipe | None" = None, **overrides: 
     return recipe
 
 
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key path (`calibration.num_samples`) -> its 1-based line in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}{key.value}"
+                lines[path] = key.start_mark.line + 1
+                walk(value, path + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
 def _recipe_text(name_or_path: "str | Path") -> tuple[str, str]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        return path.read_text(), str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} is not a regular file")
+        try:
+            return path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     shipped = resources.files(__package__) / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise RecipeError(f"unknown recipe {str(name_or_path)!r}: not a file, and not one of the shipped recipes {recipe_names()}")

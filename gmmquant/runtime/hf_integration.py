@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
 from ..pack.layouts import experts_module_info
+from ..pack.validate import validate_checkpoint
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, strip_float_experts, trim_heap
 
@@ -49,6 +51,10 @@ class GMMHfQuantizer(HfQuantizer):
     requires_calibration = True  # loads gmmquant checkpoints; quantizing is `gmmquant pack` / `calibrate`
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        files = kwargs.get("checkpoint_files") or []
+        if files:  # the whole checkpoint against this model, before transformers fills in missing tensors
+            with torch.device("cpu"):  # from_pretrained builds under a meta-device context
+                validate_checkpoint(Path(files[0]).parent, model=model)
         names = {name for name, _ in model.named_modules()}
         missing = sorted(p for p in self.quantization_config.specs if p not in names)
         if missing:

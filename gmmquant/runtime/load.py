@@ -82,7 +82,7 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
 
     if detect_format(path) is not None:  # compressed-tensors / AscendV1: converted at load time (docs/INTEROP.md)
         return load_foreign_model(path, device=device, backend=backend, dtype=dtype, **kwargs)
-    load_quantized(path)
+    load_quantized(path, validate=False)  # a clear error if it is no gmmquant checkpoint; the quantizer validates it all
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
     if backend is not None:
         for module in model.modules():
