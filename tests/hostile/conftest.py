@@ -38,8 +38,14 @@ def packed_asym(tmp_path_factory, source) -> Path:
 
 
 @pytest.fixture(scope="session")
+def packed_exportable(tmp_path_factory, source) -> Path:
+    """w4a16-g128 symmetric: what both AscendV1 (vllm-ascend's MoE loader) and compressed-tensors take."""
+    return _packed(tmp_path_factory, source, "exportable", "w4a16-g128", symmetric=True)
+
+
+@pytest.fixture(scope="session")
 def packed_sym(tmp_path_factory, source) -> Path:
-    """w8a16 symmetric (exportable to both AscendV1 and compressed-tensors)."""
+    """w8a16 symmetric (compressed-tensors takes it; vllm-ascend runs no W8A16 MoE)."""
     return _packed(tmp_path_factory, source, "sym", "w8a16", symmetric=True)
 
 

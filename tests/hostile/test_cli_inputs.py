@@ -222,7 +222,7 @@ def test_calibrate_output_is_the_source(capsys, src_copy):
 def test_export_output_is_the_checkpoint(capsys, packed_sym, copy_of):
     ck = copy_of(packed_sym)
     before = digest(ck)
-    assert_clear_error(capsys, ["export", ck, "--to", "ascend", "-o", ck, "--overwrite"], "would destroy the source")
+    assert_clear_error(capsys, ["export", ck, "--to", "compressed-tensors", "-o", ck, "--overwrite"], "would destroy the source")
     assert digest(ck) == before
 
 

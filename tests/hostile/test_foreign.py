@@ -18,9 +18,9 @@ EXPERT0 = PREFIX.replace("experts", "experts.0")
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, packed_sym) -> dict[str, Path]:
+def exports(tmp_path_factory, packed_exportable) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
-    return {to: export_checkpoint(packed_sym, root / to, to) for to in ("ascend", "compressed-tensors")}
+    return {to: export_checkpoint(packed_exportable, root / to, to) for to in ("ascend", "compressed-tensors")}
 
 
 @pytest.fixture
