@@ -14,6 +14,7 @@ from ..kernels.grouped_matmul import select_backend
 from ..pack import QuantizedWeight, QuantScheme, get_scheme, quantize_weight
 from ..pack.primitives import activation_dtype
 from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, find_experts_modules
+from .families import check_supported
 from .experts import GMMExpertList, GMMExperts, GMMProjection, float_projections
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def replace_experts(
     Raises:
         NoExpertsError: the model has no experts module.
     """
+    check_supported(model)
     modules = find_experts_modules(model)
     if not modules:
         raise NoExpertsError(f"{type(model).__name__} has no MoE experts modules (a fused module with a 3-D down_proj, or an nn.ModuleList of gate/up/down MLPs); nothing to replace")
