@@ -41,7 +41,9 @@ from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..recipes import Recipe, load_recipe
 from ..runtime.experts import GMMExperts, GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
+from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
+from .families import calibration_model_class
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
@@ -91,22 +93,6 @@ class CalibrationReport:
                 "output_error": r.output_error, "smoothing": r.smoothing,
             } for r in self.layers],
         }
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during the capture pass: records its call, returns its input."""
-
-    def __init__(self, layer: nn.Module, calls: list):
-        super().__init__()
-        self.calls = calls
-        # Models' layer loops read plain attributes of their layers (attention_type, block_type, ...).
-        for name, value in vars(layer).items():
-            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
-                setattr(self, name, value)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states, args, kwargs))
-        return hidden_states
 
 
 def decoder_layers(model: nn.Module, experts_paths: list[str]) -> tuple[str, nn.ModuleList]:
@@ -337,7 +323,7 @@ def calibrate_model(
     Raises:
         RecipeError, DatasetError, NoExpertsError, FormatError; nothing is written on error.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     recipe = load_recipe(recipe)
     src = Path(model)
@@ -345,6 +331,7 @@ def calibrate_model(
         raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()
+    model_class = calibration_model_class(config)  # causal LM or vision-language; refuses seq2seq
     # Refuse what cannot work before loading any weight: no experts, shapes the scheme cannot pack.
     skeleton = meta_model(config)
     all_modules = find_experts_modules(skeleton)
@@ -378,21 +365,12 @@ def calibrate_model(
         kwargs = {"device_map": device_map, "experts_implementation": "gmm"}  # our float GMM path: faster on CPU
         if offload:
             kwargs["offload_folder"] = offload_dir
-        model_obj = AutoModelForCausalLM.from_pretrained(src, **kwargs).eval()
+        model_obj = model_class.from_pretrained(src, **kwargs).eval()
         act = activation_dtype(next(model_obj.parameters()).dtype)
         layers = model_obj.get_submodule(layers_path)
 
         # Capture pass: every layer's call arguments, for every batch; layer 0's hidden states.
-        calls: list[list] = [[] for _ in range(num_layers)]
-        originals = list(layers)
-        for i in range(num_layers):
-            layers[i] = _Recorder(originals[i], calls[i])
-        with torch.no_grad():
-            for batch in batches:
-                model_obj(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
-        for i in range(num_layers):
-            layers[i] = originals[i]
-        del originals
+        calls = capture_layer_calls(model_obj, layers, batches, device, logits_to_keep=1)
         hidden = [c[0].cpu() for c in calls[0]]
 
         specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias)

@@ -116,11 +116,12 @@ def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
 
 
 def meta_model(config: Any) -> nn.Module:
-    """The model of a config on the meta device: names, shapes and flags for free (no weights)."""
-    from transformers import AutoModelForCausalLM
+    """The model of a config on the meta device: names, shapes and flags for free (no weights); built with
+    the config's own class (causal LM, vision-language, seq2seq: model_class.auto_model_class)."""
+    from .model_class import auto_model_class
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(config)._from_config(config)
 
 
 def deinterleave(t: Tensor, dim: int = -1) -> Tensor:

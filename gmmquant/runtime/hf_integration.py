@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -22,6 +23,9 @@ from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
 from ..pack.layouts import experts_module_info
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, strip_float_experts, trim_heap
+
+
+PROJECTION_END = re.compile(r"(gate_up_proj|up_proj|down_proj|gate_proj)(_bias)?$")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -67,6 +71,22 @@ class GMMHfQuantizer(HfQuantizer):
             if isinstance(module, GMMExperts) and runs_on_cpu(module, None):
                 module.prepare()  # load-time repacking for the CPU kernels
                 trim_heap()
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """The model's converters for fused experts parameters (qwen3_vl_moe and diffusion_gemma transpose
+        `mlp.experts.gate_up_proj` on load) are unanchored regexes, so they would also take the quantized
+        tensors `...gate_up_proj.qweight` / `.antiquant_scale` for the float parameter. Anchor them at the
+        end of the name: float experts (modules left out by `ignore`) still convert, quantized ones load as saved."""
+        from transformers.core_model_loading import WeightConverter
+
+        updated = []
+        for conv in weight_conversions:
+            sources = list(getattr(conv, "_original_source_patterns", None) or [])
+            if isinstance(conv, WeightConverter) and sources and all(PROJECTION_END.search(s) for s in sources):
+                conv = conv.copy([s if s.endswith("$") else s + "$" for s in sources],
+                                 list(conv._original_target_patterns), operations=list(conv.operations))
+            updated.append(conv)
+        return super().update_weight_conversions(updated, model)
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return False

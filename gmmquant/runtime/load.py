@@ -15,6 +15,7 @@ from torch import nn
 
 from ..pack.checkpoint import SaveReport, load_quantized, save_quantized
 from ..pack.format import ExpertsSpec
+from ..pack.model_class import auto_model_class
 from .experts import GMMExperts, GMMProjection
 
 
@@ -56,7 +57,7 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     """Load a gmmquant checkpoint as a transformers model whose experts run on grouped-matmul kernels.
 
     The checkpoint is validated first (FormatError lists every problem), then loaded with
-    `AutoModelForCausalLM.from_pretrained` through gmmquant's quantizer: the model is built on the meta
+    the class its config names (`architectures`; else causal LM, image-text-to-text, ...) through gmmquant's quantizer: the model is built on the meta
     device, quantized experts modules become empty GMM modules that the checkpoint's tensors fill directly,
     and everything else, including experts left in float, goes through transformers' own loading and
     checkpoint conversions.
@@ -76,14 +77,15 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     Returns:
         The model in eval mode; `generate()` works as usual.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..interop.load import detect_format, load_foreign_model  # noqa: PLC0415 - interop imports runtime
 
     if detect_format(path) is not None:  # compressed-tensors / AscendV1: converted at load time (docs/INTEROP.md)
         return load_foreign_model(path, device=device, backend=backend, dtype=dtype, **kwargs)
     load_quantized(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
+    model_class = auto_model_class(AutoConfig.from_pretrained(path))  # causal LM, vision-language, seq2seq
+    model = model_class.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
     if backend is not None:
         for module in model.modules():
             if isinstance(module, GMMProjection):
