@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
-from ..pack.format import ExpertsSpec
+from ..pack.format import ExpertsSpec, expert_tensor_owner
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..recipes import Recipe, load_recipe
@@ -423,10 +423,13 @@ def calibrate_model(
                         if owned_by(naming, name, owned):
                             continue
                         renamed = naming.rename(name)
+                        # A non-expert tensor stored under the experts module's name on disk (laguna keeps its
+                        # router's e_score_correction_bias at `mlp.experts.`) is written under its model name.
+                        out_name = renamed if expert_tensor_owner(name, specs) is not None else name
                         if renamed in overrides:
-                            yield name, overrides.pop(renamed)
+                            yield out_name, overrides.pop(renamed)
                         else:
-                            yield name, f.get_tensor(name)
+                            yield out_name, f.get_tensor(name)
             if overrides:
                 raise RuntimeError(f"SmoothQuant changed {sorted(overrides)} but they are not in {src}'s files")
             side_files["calibration.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
