@@ -39,7 +39,8 @@ from ..pack.format import ExpertsSpec, expert_tensor_owner
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..recipes import Recipe, load_recipe
-from ..runtime.experts import GMMExperts, GMMProjection
+from ..runtime.adapters import gmm_experts
+from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
 from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
@@ -148,7 +149,7 @@ def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, devi
 
 def _install(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, result: ModuleResult) -> None:
     source = layer.get_submodule(rel_path)
-    layer.set_submodule(rel_path, GMMExperts(source, info, result.projections, canonical_order=True))
+    layer.set_submodule(rel_path, gmm_experts(source, info, result.projections, canonical_order=True))
     strip_float_experts(source, info)  # the GMM module keeps the source's gate function, not its weights
 
 
@@ -175,7 +176,7 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
         logger.info("%s: no norm to fold SmoothQuant into; using per-expert smooth scales", rel_path)
         return None
     act = torch.stack([s.absmax for s in inputs]).amax(dim=0)
-    param = getattr(module, first)
+    param = getattr(module, info.param(first))
     k_axis = -2 if info.is_transposed else -1  # the input-channel axis of the fused [E, K, N] / [E, N, K]
     w_absmax = param.detach().abs().float().amax(dim=(0, -1 if info.is_transposed else -2))
     s = smoothing_factors(act, w_absmax, recipe.smoothquant.alpha)
@@ -379,7 +380,8 @@ def calibrate_model(
         report = CalibrationReport(recipe, [], int(ids.numel()))
         side_files: dict[str, str] = {}
         naming = disk_naming(config.model_type)
-        owned = {f"{p}.{proj}{suffix}" for p, info in targets.items() for proj in info.projections for suffix in ("", "_bias")}
+        owned = {f"{p}.{info.param(proj)}{suffix}" for p, info in targets.items() for proj in info.projections
+                 for suffix in ("", "_bias")}
 
         def layer_tensors() -> Iterator[tuple[str, Tensor]]:
             nonlocal hidden

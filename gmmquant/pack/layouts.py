@@ -41,17 +41,54 @@ class ExpertsModuleInfo:
     is_concatenated: bool
     has_bias: bool
     linear_names: Optional[tuple[str, str, str]] = None  # (gate, up, down) of an nn.ModuleList of MLPs
+    # How the MoE block calls the module (see runtime/adapters.py): "routed" `(hidden, top_k_index,
+    # top_k_weights)` (transformers 5); "dense" `(routed_in [E*T, H])`, every expert on router-scaled rows
+    # (llama4); "sorted" `(rows sorted by expert, expert_size)`, one projection (jetmoe's ParallelExperts).
+    call: str = "routed"
+    params: Optional[dict[str, str]] = None  # projection -> attribute of its parameter, when not the same name
+
+    def param(self, proj: str) -> str:
+        """The attribute of the module holding projection `proj`'s fused parameter."""
+        return (self.params or {}).get(proj, proj)
+
+
+# Experts classes transformers does not decorate with `use_experts_implementation`, and their layout.
+UNDECORATED_EXPERTS: dict[str, dict[str, Any]] = {
+    # gate_up [E, H, 2I], down [E, I, H]; the MoE block scales each expert's copy of the rows by its router
+    # score and runs every expert on all of them.
+    "Llama4TextExperts": {"is_transposed": True, "call": "dense"},
+}
+# One projection of all experts, `weight` [E, N, K], called with rows sorted by expert and per-expert counts;
+# by its attribute in the MoE MLP block (jetmoe's `mlp.input_linear` / `mlp.output_linear`). The attention
+# experts of jetmoe (MoA, `self_attention.experts`) are attention projections and stay as they are.
+SORTED_PROJECTIONS = {"mlp.input_linear": "gate_up_proj", "mlp.output_linear": "down_proj"}
+
+
+def sorted_projection_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for a `...ParallelExperts` projection of an MoE MLP block, else None."""
+    role = next((r for suffix, r in SORTED_PROJECTIONS.items() if path == suffix or path.endswith("." + suffix)), None)
+    weight = getattr(module, "weight", None)
+    if role is None or not type(module).__name__.endswith("ParallelExperts") or not isinstance(weight, Tensor) or weight.dim() != 3:
+        return None
+    return ExpertsModuleInfo(path=path, num_experts=weight.shape[0], projections={role: (weight.shape[2], weight.shape[1])},
+                             is_transposed=False, is_concatenated=True, has_bias=False, call="sorted",
+                             params={role: "weight"})
 
 
 def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
-    """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter), else None."""
+    """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter) or a sorted-rows projection
+    (SORTED_PROJECTIONS), else None."""
+    sorted_info = sorted_projection_info(path, module)
+    if sorted_info is not None:
+        return sorted_info
     down = getattr(module, "down_proj", None)
     if not isinstance(down, (nn.Parameter, Tensor)) or down.dim() != 3:
         return None
     first = next((n for n in GATE_UP_NAMES if isinstance(getattr(module, n, None), (nn.Parameter, Tensor))), None)
     if first is None:
         return None
-    transposed = bool(getattr(module, "is_transposed", False))
+    known = UNDECORATED_EXPERTS.get(type(module).__name__, {})
+    transposed = bool(getattr(module, "is_transposed", known.get("is_transposed", False)))
     up = getattr(module, first)
 
     def kn(t: Tensor) -> tuple[int, int]:
@@ -64,6 +101,7 @@ def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleI
         is_transposed=transposed,
         is_concatenated=bool(getattr(module, "is_concatenated", True)),
         has_bias=bool(getattr(module, "has_bias", False)),
+        call=known.get("call", "routed"),
     )
 
 
@@ -138,7 +176,7 @@ def expert_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tens
     """One projection of all experts of a module, canonical `[E, K, N]` (a view where the layout allows)."""
     if info.linear_names:
         return module_list_weight(module, info, proj)
-    return canonical(getattr(module, proj), info, proj)
+    return canonical(getattr(module, info.param(proj)), info, proj)
 
 
 def expert_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Optional[Tensor]:

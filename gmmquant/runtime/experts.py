@@ -27,6 +27,19 @@ from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
 
 
+def gate_function(source: nn.Module):
+    """The experts module's own gate on a gate_up output: its `_apply_gate` (transformers 5 decorated
+    modules, GPT-OSS's clamped SwiGLU), else `act_fn(gate) * up` on the two halves (llama4), else None (a
+    lone projection, whose block applies the gate itself)."""
+    apply_gate = getattr(source, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate
+    act = getattr(source, "act_fn", None)
+    if act is None:
+        return None
+    return lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
+
+
 class GMMProjection(nn.Module):
     """One projection of all experts, as grouped_matmul tensors.
 
@@ -134,7 +147,7 @@ class GMMExperts(nn.Module):
             act = source[0].act_fn
             self._gate_fn = lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
         else:
-            self._gate_fn = source._apply_gate if self.has_gate else source.act_fn
+            self._gate_fn = gate_function(source) if self.has_gate else getattr(source, "act_fn", None)
         # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved
         # gets them re-interleaved (a gather on the [S, 2I] intermediate, not on weights).
         self._reinterleave = canonical_order and self.has_gate and not info.is_concatenated
@@ -225,11 +238,11 @@ def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optio
         if info.linear_names:
             weight, bias = module_list_weight(source, info, proj).detach(), expert_bias(source, info, proj)
         else:
-            param = getattr(source, proj)
+            param = getattr(source, info.param(proj))
             weight = param if info.is_transposed else param.transpose(-1, -2)
             bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
         out[proj] = GMMProjection.from_float(weight, bias, backend)
     return out
 
 
-__all__ = ["GMMExpertList", "GMMExperts", "GMMProjection", "float_projections"]
+__all__ = ["GMMExpertList", "GMMExperts", "GMMProjection", "float_projections", "gate_function"]

@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
 from ..pack.layouts import experts_module_info
+from .adapters import gmm_experts
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, strip_float_experts, trim_heap
 
@@ -64,7 +65,7 @@ class GMMHfQuantizer(HfQuantizer):
                 raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
             strip_float_experts(source, info)
-            model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
+            model.set_submodule(prefix, gmm_experts(source, info, projections, canonical_order=True))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for module in model.modules():

@@ -107,6 +107,10 @@ def check_family(model_type: str, work: Path, calibrate: bool = True) -> Row:
             row.status, row.note = "cannot build tiny", _short(exc)
             return row
         row.model_class = cls.__name__
+        from tiny import BUILD_AS
+
+        if model_type in BUILD_AS:
+            row.note = BUILD_AS[model_type][1]
         if model_type in UNSUPPORTED:
             row.status, row.note = "refused", UNSUPPORTED[model_type]
             try:
