@@ -3,14 +3,15 @@
 Each decoder layer is swapped for a `_Recorder` that records `(hidden_states, args, kwargs)`. Most models'
 layer loops take a tensor back from each layer, so the recorder returns its input and no layer runs (the
 pass costs one embedding lookup per batch). Some loops take more from a layer: a tuple whose other items feed
-the next layer (glm_moe_dsa's top-k indices, hy_v4, zaya). The first call of the first layer runs the real
-layer to see which kind the model is; for the second kind the pass starts again with every recorder running
-its layer (offloaded weights load through accelerate's hooks as in any forward), so the model's loop gets
-what it expects and later layers' arguments are the ones the float model passes them.
+the next layer (glm_moe_dsa's top-k indices, hy_v4, zaya). Their layers say so in their `forward`'s return
+annotation; for them (and for any model whose loop fails on the cheap pass) every recorder runs its layer
+(offloaded weights load through accelerate's hooks as in any forward), so the model's loop gets what it
+expects and later layers' arguments are the ones the float model passes them.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -20,8 +21,10 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 
-class _NeedsLayerOutputs(Exception):
-    """Raised by the probe: the model's layer loop consumes more than a hidden-states tensor."""
+def returns_more_than_hidden(layer: nn.Module) -> bool:
+    """Whether a decoder layer's forward is annotated to return a tuple."""
+    annotation = inspect.signature(type(layer).forward).return_annotation
+    return "tuple" in str(annotation).lower()
 
 
 class _Recorder(nn.Module):
@@ -41,9 +44,6 @@ class _Recorder(nn.Module):
         self.calls.append((hidden_states, args, kwargs))
         if self.state["run_layers"]:
             return self.layer(hidden_states, *args, **kwargs)
-        if self.state.pop("probe", False):
-            if not isinstance(self.layer(hidden_states, *args, **kwargs), Tensor):
-                raise _NeedsLayerOutputs
         return hidden_states
 
 
@@ -57,9 +57,10 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[T
         batches: int64 `[B, S]` token ids each.
     """
     originals = list(layers)
-    for run_layers in (False, True):
+    modes = (True,) if any(returns_more_than_hidden(layer) for layer in originals) else (False, True)
+    for run_layers in modes:
         calls: list[list] = [[] for _ in originals]
-        state = {"run_layers": run_layers, "probe": True}
+        state = {"run_layers": run_layers}
         for i, layer in enumerate(originals):
             layers[i] = _Recorder(layer, calls[i], state)
         try:
@@ -67,12 +68,14 @@ def capture_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[T
                 for batch in batches:
                     model(input_ids=batch.to(device), use_cache=False, **forward_kwargs)
             return calls
-        except _NeedsLayerOutputs:
-            logger.info("decoder layers return more than hidden states: capturing with the layers running")
+        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            if run_layers:
+                raise
+            logger.info("the model's layer loop needs its layers' real outputs (%s): capturing with the layers running", exc)
         finally:
             for i, layer in enumerate(originals):
                 layers[i] = layer
-    raise AssertionError("unreachable: the second pass runs the layers")
+    raise AssertionError("unreachable: the last pass runs the layers or raises")
 
 
 __all__ = ["capture_layer_calls"]
