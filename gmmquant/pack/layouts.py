@@ -57,6 +57,9 @@ UNDECORATED_EXPERTS: dict[str, dict[str, Any]] = {
     # gate_up [E, H, 2I], down [E, I, H]; the MoE block scales each expert's copy of the rows by its router
     # score and runs every expert on all of them.
     "Llama4TextExperts": {"is_transposed": True, "call": "dense"},
+    # Routed experts plus "zero-computation" experts (ids >= E: the token itself times its weight); gate_up
+    # has a row per expert of both kinds, down_proj only the E routed ones (the extra gate_up rows are unused).
+    "LongcatFlashExperts": {"call": "routed+identity"},
 }
 # One projection of all experts, `weight` [E, N, K], called with rows sorted by expert and per-expert counts;
 # by its attribute in the MoE MLP block (jetmoe's `mlp.input_linear` / `mlp.output_linear`). The attention
@@ -84,6 +87,10 @@ def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleI
     down = getattr(module, "down_proj", None)
     if not isinstance(down, (nn.Parameter, Tensor)) or down.dim() != 3:
         return None
+    if isinstance(getattr(module, "gate_proj", None), Tensor):
+        # Separate 3-D gate and up (inkling's always-on shared experts, called with per-token gammas): not a
+        # routed experts module; it stays the model's own, like other shared experts.
+        return None
     first = next((n for n in GATE_UP_NAMES if isinstance(getattr(module, n, None), (nn.Parameter, Tensor))), None)
     if first is None:
         return None
@@ -109,8 +116,9 @@ PER_EXPERT_LINEARS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 def module_list_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
-    """ExpertsModuleInfo for an nn.ModuleList of identical gated MLPs (remote-code / transformers 4 layout)."""
-    if not isinstance(module, nn.ModuleList) or len(module) < 2:
+    """ExpertsModuleInfo for an nn.ModuleList of identical gated MLPs named `experts` (remote-code /
+    transformers 4 layout; other lists of MLPs, such as longcat_flash's two dense `mlps`, are not experts)."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2 or not path.rsplit(".", 1)[-1].endswith("experts"):
         return None
     for names in PER_EXPERT_LINEARS:
         if not all(all(isinstance(getattr(m, n, None), nn.Linear) for n in names) for m in module):
@@ -176,7 +184,7 @@ def expert_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tens
     """One projection of all experts of a module, canonical `[E, K, N]` (a view where the layout allows)."""
     if info.linear_names:
         return module_list_weight(module, info, proj)
-    return canonical(getattr(module, info.param(proj)), info, proj)
+    return canonical(getattr(module, info.param(proj))[: info.num_experts], info, proj)
 
 
 def expert_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Optional[Tensor]:

@@ -39,6 +39,20 @@ class GMMDenseExperts(GMMExperts):
         return out
 
 
+class GMMIdentityExperts(GMMExperts):
+    """Replacement for longcat_flash's experts: E routed experts on GMM, and "zero-computation" experts
+    (ids >= E) whose output is the token itself times its routing weight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expert_parallel = True  # ids >= E are dropped from the grouped matmul (added back below)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = super().forward(hidden_states, top_k_index, top_k_weights)
+        identity = (top_k_weights * (top_k_index >= self.num_experts)).sum(dim=-1, keepdim=True)
+        return out + (hidden_states * identity.to(hidden_states.dtype))
+
+
 class GMMSortedProjection(GMMExperts):
     """Replacement for one `...ParallelExperts` projection (jetmoe), see the module docstring."""
 
@@ -53,7 +67,8 @@ def gmm_experts(source: nn.Module, info: ExpertsModuleInfo, projections: dict[st
     """The GMM module replacing `source`, for its call convention (info.call) and layout."""
     if info.linear_names:
         return GMMExpertList(source, info, projections, canonical_order)
-    cls = {"routed": GMMExperts, "dense": GMMDenseExperts, "sorted": GMMSortedProjection}[info.call]
+    cls = {"routed": GMMExperts, "routed+identity": GMMIdentityExperts, "dense": GMMDenseExperts,
+           "sorted": GMMSortedProjection}[info.call]
     return cls(source, info, projections, canonical_order)
 
 
@@ -61,7 +76,7 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
     """From an experts module's call arguments: (rows `[M, H]`, expert ids `[M, k]`), as the observers of
     calibration see them. "dense": the rows with a non-zero router score (already scaled by it, which is
     what llama4's experts compute on), one expert each; "sorted": the sorted rows and their expert ids."""
-    if info.call == "routed":
+    if info.call in ("routed", "routed+identity"):
         names = ("hidden_states", "top_k_index", "top_k_weights")
         bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         return bound["hidden_states"], bound["top_k_index"]
@@ -78,4 +93,4 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
     return inputs, ids.unsqueeze(-1)
 
 
-__all__ = ["GMMDenseExperts", "GMMSortedProjection", "gmm_experts", "routed_rows"]
+__all__ = ["GMMDenseExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows"]

@@ -238,7 +238,7 @@ def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optio
         if info.linear_names:
             weight, bias = module_list_weight(source, info, proj).detach(), expert_bias(source, info, proj)
         else:
-            param = getattr(source, info.param(proj))
+            param = getattr(source, info.param(proj))[: info.num_experts]
             weight = param if info.is_transposed else param.transpose(-1, -2)
             bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
         out[proj] = GMMProjection.from_float(weight, bias, backend)

@@ -43,7 +43,7 @@ SIZES: dict[str, int] = {
     "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8, "num_experts_per_tok": 2,
     "n_group": 1, "topk_group": 1, "expert_capacity": 64,
     # vocab / positions
-    "vocab_size": VOCAB, "max_position_embeddings": 512,
+    "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB, "max_position_embeddings": 512, "num_expert_group": 2,
     # vision towers: small, only built (calibration runs text)
     "image_size": 32, "patch_size": 8, "num_channels": 3,
 }
@@ -55,7 +55,9 @@ EXPERT_COUNTS = {"num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer", "num_decoder_layers", "decoder_layers")
 
 # Extra attributes where shrinking alone does not give a buildable MoE model; each line says why.
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "flint": {"mlp_only_layers": [0]},  # the default lists every layer as dense
+}
 
 
 def _shrink_rope(value: Any, head_dim: int) -> Any:
