@@ -15,7 +15,7 @@ import transformers
 
 # Auto classes tried for a config without `architectures`, most specific generation head first.
 AUTO_ORDER = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM",
-              "AutoModelForSeq2SeqLM", "AutoModelForTokenClassification", "AutoModel")
+              "AutoModelForSeq2SeqLM", "AutoModelForTokenClassification", "AutoModel", "AutoBackbone")
 
 
 def auto_model_class(config: Any) -> type:

@@ -57,6 +57,34 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer", "n
 # Extra attributes where shrinking alone does not give a buildable MoE model; each line says why.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "flint": {"mlp_only_layers": [0]},  # the default lists every layer as dense
+    "dots1": {"n_shared_experts": 1},  # the default has None, which its MoE block multiplies
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # default None / 2 dense layers
+    "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse"]},  # default None
+    "step3p7": {"text_config.sliding_window": 64},  # default None, but its model builds a sliding mask anyway
+    "zaya": {"num_experts_per_tok": 1},  # its config validator allows top-1 only
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    # NoPE attention: no rotary part in q/k
+    "glm5_next": {"text_config.qk_rope_head_dim": 0, "text_config.head_dim": 0, "text_config.qk_nope_head_dim": 16,
+                  "text_config.qk_head_dim": 16},
+    # the multimodal rotary sections must sum to half the rotary width (head_dim * partial_rotary_factor)
+    "glm4v_moe": {"text_config.rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                                  "rope_type": "default", "mrope_section": [1, 1, 2]}},
+    "ernie4_5_vl_moe": {"text_config.rope_parameters": {"rope_theta": 500000.0, "rope_type": "default",
+                                                        "mrope_section": [3, 3, 2]},
+                        "text_config.moe_intermediate_size": [32, 32]},
+    # MoE is off by default (dense gemma): switch the MoE block on
+    "gemma4": {"text_config.enable_moe_block": True, "text_config.num_experts": 8, "text_config.top_k_experts": 2,
+               "text_config.moe_intermediate_size": 32},
+    "diffusion_gemma": {"text_config.enable_moe_block": True, "text_config.num_experts": 8,
+                        "text_config.top_k_experts": 2, "text_config.moe_intermediate_size": 32},
+    "nemo_speechlm": {"text_config.layers_block_type": ["moe", "full_attention"]},
+    "vitpose_backbone": {"out_features": ["stage2"], "out_indices": [2]},  # the default names stage 12
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # defaults its attention cannot run
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "layer_types": ["linear_attention", "full_attention"]},
+    "qwen4_exp": {"text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1, "text_config.indexer_head_dim": 16,
+                  "text_config.indexer_budget": 8, "text_config.indexer_compress_ratio": 4},  # its indexer needs them
+    "qwen3_omni_moe": {"talker_config.text_config.shared_expert_intermediate_size": 32,
+                       "talker_config.spatial_merge_size": 2},  # both missing from the default talker config
 }
 
 
@@ -95,14 +123,20 @@ def _shrink(config: PretrainedConfig, depth: int = 0) -> None:
             setattr(config, key, min(value, SCALE_DOWN_ONLY[key]))
         elif key.endswith("_hidden_size") and isinstance(value, int) and "intermediate" not in key:
             setattr(config, key, HIDDEN)
+        elif key == "per_layer_config" and isinstance(value, dict):
+            pass  # cut below, once the new layer count is known
         elif key in ("depths",) and isinstance(value, list):
             setattr(config, key, [1] * len(value))
+    per_layer = attrs.get("per_layer_config")
+    if isinstance(per_layer, dict):  # heterogeneous layers (gemma4, dots3_note): keep those that still exist
+        n = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), 0)
+        config.per_layer_config = {k: v for k, v in per_layer.items() if int(k) < n}
     if multi_head:
         config.num_key_value_heads = config.num_attention_heads  # multi-head models (MLA) stay multi-head
     new_layers = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), None)
     if old_layers and new_layers and new_layers < old_layers:
         for key, value in attrs.items():
-            if isinstance(value, (list, str)) and len(value) == old_layers and not key.startswith("_"):
+            if isinstance(value, (list, tuple, str)) and len(value) == old_layers and not key.startswith("_"):
                 setattr(config, key, _cut_per_layer(value, new_layers))
     if isinstance(vars(config).get("qk_rope_head_dim"), int):  # MLA: rotary width is qk_rope_head_dim
         if "head_dim" in vars(config):  # head_dim was either the rotary part or the whole q/k head
@@ -129,7 +163,7 @@ def _cut_per_layer(value: "list | str", n: int) -> "list | str":
     picked = [value.index(k) for k in dict.fromkeys(value)][:n]
     picked += [i for i in range(len(value)) if i not in picked][: n - len(picked)]
     cut = [value[i] for i in sorted(picked)]
-    return "".join(cut) if isinstance(value, str) else cut
+    return "".join(cut) if isinstance(value, str) else type(value)(cut)
 
 
 def _fit_token_ids(config: PretrainedConfig, vocab: int) -> None:
@@ -149,6 +183,8 @@ def _fit_token_ids(config: PretrainedConfig, vocab: int) -> None:
 
 # Model types built from one of their sub-configs instead, and why.
 BUILD_AS: dict[str, tuple[str, str]] = {
+    "qwen3_omni_moe": ("qwen3_omni_moe_thinker", "Qwen3OmniMoeForConditionalGeneration has no forward (generation "
+                       "only); its thinker, which holds the MoE language model, is built instead"),
     "llama4": ("llama4_text", "Llama4ForConditionalGeneration's forward without images reads `outputs.image_outputs`, "
                "which its language model does not return (transformers 5.24): built as Llama4ForCausalLM"),
 }
@@ -162,7 +198,19 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         target = config
         *parents, leaf = key.split(".")
         for p in parents:
-            target = getattr(target, p)
-        setattr(target, leaf, copy.deepcopy(value))
+            target = getattr(target, p, None)
+        if target is not None:  # (a BUILD_AS sub-config lacks its parent's other sub-configs)
+            setattr(target, leaf, copy.deepcopy(value))
     # Re-validate through the class (derived attributes, e.g. layer_types from counts).
-    return type(config).from_dict(config.to_dict())
+    return type(config).from_dict(_drop_missing_layers(config.to_dict()))
+
+
+def _drop_missing_layers(data: Any) -> Any:
+    """Per-layer overrides (`per_layer_config`, keyed by layer index) of layers the tiny model no longer has."""
+    if isinstance(data, dict):
+        out = {k: _drop_missing_layers(v) for k, v in data.items()}
+        n = next((data[k] for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)), None)
+        if isinstance(out.get("per_layer_config"), dict) and n is not None:
+            out["per_layer_config"] = {k: v for k, v in out["per_layer_config"].items() if int(k) < n}
+        return out
+    return data
