@@ -44,7 +44,7 @@ from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
 from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
-from .families import calibration_model_class
+from .families import calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
@@ -349,6 +349,7 @@ def calibrate_model(
         for proj, (k, n) in info.projections.items():
             scheme.check_shape(k, n, f"{path}.{proj}")
     layers_path, skeleton_layers = decoder_layers(skeleton, list(targets))
+    check_one_stack(list(targets), layers_path)
     num_layers = len(skeleton_layers)
     device_map = _offload_device_map(skeleton, layers_path, num_layers, device) if offload else {"": device}
     del skeleton

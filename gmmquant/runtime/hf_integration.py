@@ -66,6 +66,7 @@ class GMMHfQuantizer(HfQuantizer):
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
             strip_float_experts(source, info)
             model.set_submodule(prefix, gmm_experts(source, info, projections, canonical_order=True))
+        untie_quantized(model, list(self.quantization_config.specs))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for module in model.modules():
@@ -98,6 +99,20 @@ class GMMHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def untie_quantized(model: nn.Module, prefixes: list[str]) -> None:
+    """Forget weight ties that involve replaced experts parameters (diffusion_gemma ties its encoder's experts
+    to its decoder's): both GMM modules are in the checkpoint and load their own tensors."""
+    for module in [model] + [m for m in model.modules() if m is not model]:
+        tied = getattr(module, "all_tied_weights_keys", None)
+        if not isinstance(tied, dict):
+            continue
+        base = next((n for n, m in model.named_modules() if m is module), "")
+        full = (lambda k: f"{base}.{k}" if base else k)
+        for target, source in list(tied.items()):
+            if any(full(target).startswith(p + ".") or full(source).startswith(p + ".") for p in prefixes):
+                del tied[target]
 
 
 def gmm_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -222,6 +222,9 @@ def _tokenizer():
 
 
 def _calibrate(model_type, model, reference, inputs, work: Path, row: Row) -> str:
+    import transformers
+
+    from gmmquant.calibrate.families import CalibrationRefused
     from gmmquant.calibrate.pipeline import calibrate_model
     from gmmquant.recipes import parse_recipe
     from gmmquant.runtime.families import auto_model_class
@@ -233,8 +236,12 @@ def _calibrate(model_type, model, reference, inputs, work: Path, row: Row) -> st
                            "calibration": {"num_samples": 4, "seq_len": 32, "all_experts": True, "min_tokens": 1}})
     try:
         report = calibrate_model(src, work / "cal", recipe)
-        import transformers
-
+    except CalibrationRefused as exc:  # documented: seq2seq, two layer stacks
+        return "refused: " + _short(exc).split(": ", 1)[1][:120]
+    except Exception as exc:
+        row.failures.append(f"calibrate: {_short(exc)}")
+        return _short(exc)
+    try:
         config = transformers.AutoConfig.from_pretrained(work / "cal")
         loaded = auto_model_class(config).from_pretrained(work / "cal").eval()
         err = _rel(_output(loaded, inputs), reference)
