@@ -166,6 +166,8 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
     Returns the changed non-expert parameters (name in the layer -> tensor), or None when no fold is
     possible or the folded block differs from the original by more than `tolerance` (then undone)."""
     module = layer.get_submodule(rel_path)
+    if info.stack or info.call != "routed":
+        return None  # folding scales the fused parameter in place: per-expert smooth scales instead
     block = layer.get_submodule(rel_path.rsplit(".", 1)[0]) if "." in rel_path else layer
     first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
     inputs = [s for s in stats.inputs[first] if s.absmax is not None]
@@ -382,7 +384,7 @@ def calibrate_model(
         side_files: dict[str, str] = {}
         naming = disk_naming(config.model_type)
         owned = {f"{p}.{info.param(proj)}{suffix}" for p, info in targets.items() for proj in info.projections
-                 for suffix in ("", "_bias")}
+                 for suffix in ("", "_bias")} | {f"{p}.{n}" for p, info in targets.items() for n in info.stack or ()}
 
         def layer_tensors() -> Iterator[tuple[str, Tensor]]:
             nonlocal hidden

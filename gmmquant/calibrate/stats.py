@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..pack.layouts import ExpertsModuleInfo
+from ..pack.layouts import ExpertsModuleInfo, expert_weight
 from ..runtime.adapters import routed_rows
 from ..runtime.experts import gate_function
 from .gptq import accumulate_hessian
@@ -66,6 +66,8 @@ class ExpertsStats:
 
 def expert_weight_kn(module: nn.Module, info: ExpertsModuleInfo, proj: str, e: int) -> Tensor:
     """Expert e's `[K, N]` weight in the module's own column order (interleaved stays interleaved)."""
+    if info.stack:  # dbrx: canonical order is its own
+        return expert_weight(module, info, proj)[e]
     param = getattr(module, info.param(proj))[e]
     return param if info.is_transposed else param.t()
 

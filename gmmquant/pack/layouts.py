@@ -46,6 +46,9 @@ class ExpertsModuleInfo:
     # (llama4); "sorted" `(rows sorted by expert, expert_size)`, one projection (jetmoe's ParallelExperts).
     call: str = "routed"
     params: Optional[dict[str, str]] = None  # projection -> attribute of its parameter, when not the same name
+    # Experts kept as 2-D `[E*I, H]` parameters (gate, up, down paths in the module: dbrx's mlp.w1 / v1 / w2);
+    # gate and up are `[E, N, K]` per expert, down is `[E, K, N]` already.
+    stack: Optional[tuple[str, str, str]] = None
 
     def param(self, proj: str) -> str:
         """The attribute of the module holding projection `proj`'s fused parameter."""
@@ -60,7 +63,29 @@ UNDECORATED_EXPERTS: dict[str, dict[str, Any]] = {
     # Routed experts plus "zero-computation" experts (ids >= E: the token itself times its weight); gate_up
     # has a row per expert of both kinds, down_proj only the E routed ones (the extra gate_up rows are unused).
     "LongcatFlashExperts": {"call": "routed+identity"},
+    "DbrxExperts": {"stack": ("mlp.w1", "mlp.v1", "mlp.w2")},
 }
+
+
+def stack_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for experts kept as 2-D stacked parameters (UNDECORATED_EXPERTS "stack"), else None."""
+    stack = UNDECORATED_EXPERTS.get(type(module).__name__, {}).get("stack")
+    if stack is None:
+        return None
+    gate, _, down = (module.get_parameter(n) for n in stack)
+    e = int(module.num_experts)
+    inter, hidden = gate.shape[0] // e, gate.shape[1]
+    return ExpertsModuleInfo(path=path, num_experts=e, projections={"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)},
+                             is_transposed=False, is_concatenated=True, has_bias=False, stack=tuple(stack))
+
+
+def stacked_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """`[E, K, N]` of a stacked-parameter experts module (gate then up for gate_up_proj)."""
+    gate, up, down = (module.get_parameter(n) for n in info.stack)
+    e = info.num_experts
+    if proj == "down_proj":
+        return down.view(e, -1, down.shape[-1])
+    return torch.cat([gate.view(e, -1, gate.shape[-1]), up.view(e, -1, up.shape[-1])], dim=1).transpose(1, 2)
 # One projection of all experts, `weight` [E, N, K], called with rows sorted by expert and per-expert counts;
 # by its attribute in the MoE MLP block (jetmoe's `mlp.input_linear` / `mlp.output_linear`). The attention
 # experts of jetmoe (MoA, `self_attention.experts`) are attention projections and stay as they are.
@@ -81,9 +106,9 @@ def sorted_projection_info(path: str, module: nn.Module) -> Optional[ExpertsModu
 def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
     """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter) or a sorted-rows projection
     (SORTED_PROJECTIONS), else None."""
-    sorted_info = sorted_projection_info(path, module)
-    if sorted_info is not None:
-        return sorted_info
+    special = sorted_projection_info(path, module) or stack_info(path, module)
+    if special is not None:
+        return special
     down = getattr(module, "down_proj", None)
     if not isinstance(down, (nn.Parameter, Tensor)) or down.dim() != 3:
         return None
@@ -184,6 +209,8 @@ def expert_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tens
     """One projection of all experts of a module, canonical `[E, K, N]` (a view where the layout allows)."""
     if info.linear_names:
         return module_list_weight(module, info, proj)
+    if info.stack:
+        return stacked_weight(module, info, proj)
     return canonical(getattr(module, info.param(proj))[: info.num_experts], info, proj)
 
 

@@ -22,7 +22,7 @@ from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.primitives import bias_dtype
 from ..pack.format import ExpertsSpec
-from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
+from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, module_list_weight
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
 
@@ -34,7 +34,7 @@ def gate_function(source: nn.Module):
     apply_gate = getattr(source, "_apply_gate", None)
     if apply_gate is not None:
         return apply_gate
-    act = getattr(source, "act_fn", None)
+    act = getattr(source, "act_fn", None) or getattr(getattr(source, "mlp", None), "activation_fn", None)  # dbrx
     if act is None:
         return None
     return lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
@@ -163,9 +163,13 @@ class GMMExperts(nn.Module):
         return self._gate_fn(h)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """`[T, H]`, `[T, k]` expert ids, `[T, k]` weights -> `[T, H]`."""
+        """`[T, H]`, `[T, k]` expert ids, `[T, k]` weights -> `[T, H]` (any leading dims instead of T: dbrx
+        passes `[B, S, H]` and gets that shape back)."""
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
+        top_k_index, top_k_weights = top_k_index.reshape(num_tokens, top_k), top_k_weights.reshape(num_tokens, top_k)
         ids = top_k_index.reshape(-1)
         ids_sorted, perm = torch.sort(ids, stable=True)
         if self.expert_parallel:
@@ -183,7 +187,7 @@ class GMMExperts(nn.Module):
         h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
         out = h.new_zeros(num_tokens * top_k, hidden)
         out[perm] = h
-        return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+        return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype).view(shape)
 
     def projections(self) -> list[GMMProjection]:
         return [m for m in self.children() if isinstance(m, GMMProjection)]
@@ -235,8 +239,8 @@ def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optio
     views of fused parameters, a stacked copy for a ModuleList)."""
     out = {}
     for proj in info.projections:
-        if info.linear_names:
-            weight, bias = module_list_weight(source, info, proj).detach(), expert_bias(source, info, proj)
+        if info.linear_names or info.stack:  # a stacked copy
+            weight, bias = expert_weight(source, info, proj).detach().contiguous(), expert_bias(source, info, proj)
         else:
             param = getattr(source, info.param(proj))[: info.num_experts]
             weight = param if info.is_transposed else param.transpose(-1, -2)

@@ -64,8 +64,9 @@ class GMMHfQuantizer(HfQuantizer):
             if info is None:
                 raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
+            gmm = gmm_experts(source, info, projections, canonical_order=True)  # keeps the source's gate function
             strip_float_experts(source, info)
-            model.set_submodule(prefix, gmm_experts(source, info, projections, canonical_order=True))
+            model.set_submodule(prefix, gmm)
         untie_quantized(model, list(self.quantization_config.specs))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:

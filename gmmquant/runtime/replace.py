@@ -54,6 +54,9 @@ def trim_heap() -> None:
 
 def strip_float_experts(source: nn.Module, info: ExpertsModuleInfo) -> None:
     """Drop the float expert weights and biases of a replaced fused module (its gate function stays usable)."""
+    for name in info.stack or ():
+        parent, _, leaf = name.rpartition(".")
+        source.get_submodule(parent).register_parameter(leaf, None)
     for proj in info.projections:
         for name in (info.param(proj), f"{proj}_bias"):
             if getattr(source, name, None) is not None:
