@@ -159,19 +159,53 @@ def module_list_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo
     return None
 
 
-def module_list_weight(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
-    """Stack a ModuleList's per-expert nn.Linear weights into the canonical `[E, K, N]` (gate then up)."""
-    gate, up, down = info.linear_names
-    if proj == "gate_up_proj":
-        return torch.stack([torch.cat([getattr(m, gate).weight, getattr(m, up).weight]).t() for m in module])
-    return torch.stack([getattr(m, down).weight.t() for m in module])
+DICT_LINEARS = (("wi", "wo"), ("fc1", "fc2"))  # (up, down) of switch_transformers / nllb-moe experts
 
 
-def module_list_bias(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
+def experts_of(module: nn.Module) -> list[nn.Module]:
+    """The per-expert MLPs of an nn.ModuleList, or of an nn.ModuleDict keyed `expert_{i}`, in expert order."""
+    if isinstance(module, nn.ModuleDict):
+        return [module[f"expert_{i}"] for i in range(sum(k.startswith("expert_") for k in module.keys()))]
+    return list(module)
+
+
+def module_dict_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for an nn.ModuleDict of `expert_{i}` MLPs without a gate (switch_transformers' wi / wo,
+    nllb-moe's fc1 / fc2), called `(hidden, selection, weights)`; see runtime/adapters.py."""
+    if not isinstance(module, nn.ModuleDict):
+        return None
+    keys = {k for k in module.keys() if k.startswith("expert_")}
+    if len(keys) < 2 or keys != {f"expert_{i}" for i in range(len(keys))}:
+        return None
+    members = experts_of(module)
+    for up, down in DICT_LINEARS:
+        if not all(isinstance(getattr(m, up, None), nn.Linear) and isinstance(getattr(m, down, None), nn.Linear) for m in members):
+            continue
+        first = getattr(members[0], up)
+        return ExpertsModuleInfo(path, len(members), {"up_proj": (first.in_features, first.out_features),
+                                                      "down_proj": (first.out_features, first.in_features)},
+                                 is_transposed=False, is_concatenated=True, has_bias=first.bias is not None,
+                                 linear_names=(None, up, down), call="dict")
+    return None
+
+
+def module_list_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """Stack per-expert nn.Linear weights into the canonical `[E, K, N]` (gate then up; up alone without a gate)."""
     gate, up, down = info.linear_names
+    members = experts_of(module)
     if proj == "gate_up_proj":
-        return torch.stack([torch.cat([getattr(m, gate).bias, getattr(m, up).bias]) for m in module])
-    return torch.stack([getattr(m, down).bias for m in module])
+        return torch.stack([torch.cat([getattr(m, gate).weight, getattr(m, up).weight]).t() for m in members])
+    name = up if proj == "up_proj" else down
+    return torch.stack([getattr(m, name).weight.t() for m in members])
+
+
+def module_list_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    gate, up, down = info.linear_names
+    members = experts_of(module)
+    if proj == "gate_up_proj":
+        return torch.stack([torch.cat([getattr(m, gate).bias, getattr(m, up).bias]) for m in members])
+    name = up if proj == "up_proj" else down
+    return torch.stack([getattr(m, name).bias for m in members])
 
 
 def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
@@ -180,7 +214,7 @@ def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") for p in found):
             continue
-        info = experts_module_info(path, module) or module_list_info(path, module)
+        info = experts_module_info(path, module) or module_list_info(path, module) or module_dict_info(path, module)
         if info is not None:
             found[path] = info
     return found

@@ -62,9 +62,32 @@ class GMMSortedProjection(GMMExperts):
         return proj(inputs, counts).to(inputs.dtype)
 
 
+class GMMDictExperts(GMMExperts):
+    """Replacement for an nn.ModuleDict of `expert_{i}` MLPs without a gate: switch_transformers (called
+    with a one-hot selection `[T, k, E]`, all zeros for tokens over an expert's capacity) and nllb-moe
+    (expert ids `[T, k]`, outputs scaled by `1 - moe_token_dropout` in eval mode, as the model does)."""
+
+    def __init__(self, source: nn.Module, info: ExpertsModuleInfo, projections: dict[str, GMMProjection],
+                 canonical_order: bool):
+        super().__init__(source, info, projections, canonical_order)
+        self.expert_parallel = True  # tokens dropped by capacity get the sentinel id E and contribute 0
+        self.output_scale = 1.0 - float(getattr(source, "moe_token_dropout", 0.0) or 0.0)
+        self.train(source.training)  # the scaling is an eval-mode one: keep the replaced module's mode
+
+    def forward(self, hidden_states: Tensor, selection: Tensor, weights: Tensor) -> Tensor:  # type: ignore[override]
+        if selection.dim() == 3:  # one-hot [T, k, E]
+            ids = torch.where(selection.any(dim=-1), selection.int().argmax(dim=-1), self.num_experts)
+        else:
+            ids = selection
+        out = super().forward(hidden_states, ids, weights.reshape(ids.shape))
+        return out * self.output_scale if self.output_scale != 1.0 and not self.training else out
+
+
 def gmm_experts(source: nn.Module, info: ExpertsModuleInfo, projections: dict[str, GMMProjection],
                 canonical_order: bool) -> GMMExperts:
     """The GMM module replacing `source`, for its call convention (info.call) and layout."""
+    if info.call == "dict":
+        return GMMDictExperts(source, info, projections, canonical_order)
     if info.linear_names:
         return GMMExpertList(source, info, projections, canonical_order)
     cls = {"routed": GMMExperts, "routed+identity": GMMIdentityExperts, "dense": GMMDenseExperts,
@@ -76,6 +99,12 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
     """From an experts module's call arguments: (rows `[M, H]`, expert ids `[M, k]`), as the observers of
     calibration see them. "dense": the rows with a non-zero router score (already scaled by it, which is
     what llama4's experts compute on), one expert each; "sorted": the sorted rows and their expert ids."""
+    if info.call == "dict":
+        selection = args[1] if len(args) > 1 else next(iter(v for k, v in kwargs.items() if k != "hidden_states"))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if selection.dim() == 3:
+            return hidden, torch.where(selection.any(dim=-1), selection.int().argmax(dim=-1), info.num_experts)
+        return hidden, selection
     if info.call in ("routed", "routed+identity"):
         names = ("hidden_states", "top_k_index", "top_k_weights")
         bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
@@ -93,4 +122,4 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
     return inputs, ids.unsqueeze(-1)
 
 
-__all__ = ["GMMDenseExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows"]
+__all__ = ["GMMDenseExperts", "GMMDictExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows"]

@@ -22,7 +22,7 @@ from ..kernels import dynamic_quant, grouped_matmul
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.primitives import bias_dtype
 from ..pack.format import ExpertsSpec
-from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, module_list_weight
+from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, experts_of, module_list_weight
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
 
@@ -143,9 +143,10 @@ class GMMExperts(nn.Module):
         for name, proj in projections.items():
             self.add_module(name, proj)
         # The model's own gate / activation (GPT-OSS clamps, custom _apply_gate, ...), without its weights.
-        if info.linear_names:  # a ModuleList of MLPs: act(gate) * up with the experts' own activation
-            act = source[0].act_fn
-            self._gate_fn = lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
+        if info.linear_names:  # per-expert MLPs: act(gate) * up (or act(up)) with the experts' own activation
+            first_expert = experts_of(source)[0]
+            act = getattr(first_expert, "act_fn", None) or first_expert.act
+            self._gate_fn = (lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]) if self.has_gate else act
         else:
             self._gate_fn = gate_function(source) if self.has_gate else getattr(source, "act_fn", None)
         # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved

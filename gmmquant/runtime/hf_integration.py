@@ -20,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
-from ..pack.layouts import experts_module_info
+from ..pack.layouts import experts_module_info, module_dict_info
 from .adapters import gmm_experts
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, strip_float_experts, trim_heap
@@ -60,13 +60,16 @@ class GMMHfQuantizer(HfQuantizer):
             raise FormatError(f"quantized modules {missing} do not exist in {type(model).__name__}")
         for prefix, spec in self.quantization_config.specs.items():
             source = model.get_submodule(prefix)
-            info = experts_module_info(prefix, source)
+            info = experts_module_info(prefix, source) or module_dict_info(prefix, source)
             if info is None:
                 raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
             gmm = gmm_experts(source, info, projections, canonical_order=True)  # keeps the source's gate function
             strip_float_experts(source, info)
             model.set_submodule(prefix, gmm)
+            if "." in prefix:  # the MoE block's _init_weights may reach into its experts (switch_transformers'
+                # experts[f"expert_{i}"].wi): its own tensors come from the checkpoint, so it needs no init
+                model.get_submodule(prefix.rsplit(".", 1)[0])._is_hf_initialized = True
         untie_quantized(model, list(self.quantization_config.specs))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:

@@ -43,11 +43,12 @@ SIZES: dict[str, int] = {
     "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8, "num_experts_per_tok": 2,
     "n_group": 1, "topk_group": 1, "expert_capacity": 64,
     # vocab / positions
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
     "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB, "max_position_embeddings": 512, "num_expert_group": 2,
     # vision towers: small, only built (calibration runs text)
     "image_size": 32, "patch_size": 8, "num_channels": 3,
 }
-SCALE_DOWN_ONLY = {"num_experts_per_tok": 2, "moe_k": 2, "top_k": 2, "moe_topk": 2, "num_key_value_heads": 2, "num_kv_heads": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+SCALE_DOWN_ONLY = {"encoder_sparse_step": 2, "decoder_sparse_step": 2, "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2, "moe_topk": 2, "num_key_value_heads": 2, "num_kv_heads": 2, "n_shared_experts": 1, "num_shared_experts": 1,
                    "first_k_dense_replace": 1, "moe_layer_start_index": 1, "num_nextn_predict_layers": 0,
                    "mtp_num_hidden_layers": 0, "num_mtp_layers": 0}
 EXPERT_COUNTS = {"num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
