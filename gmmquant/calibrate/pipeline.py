@@ -377,8 +377,8 @@ def calibrate_model(
         calls = capture_layer_calls(model_obj, layers, batches, device, logits_to_keep=1)
         hidden = [c[0].cpu() for c in calls[0]]
 
-        specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias)
-                 for p, info in targets.items()}
+        specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias,
+                                post_expert_norm=info.post_expert_norm) for p, info in targets.items()}
         overrides: dict[str, Tensor] = {}
         report = CalibrationReport(recipe, [], int(ids.numel()))
         side_files: dict[str, str] = {}

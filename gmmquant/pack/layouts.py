@@ -49,6 +49,7 @@ class ExpertsModuleInfo:
     # Experts kept as 2-D `[E*I, H]` parameters (gate, up, down paths in the module: dbrx's mlp.w1 / v1 / w2);
     # gate and up are `[E, N, K]` per expert, down is `[E, K, N]` already.
     stack: Optional[tuple[str, str, str]] = None
+    post_expert_norm: int = 0  # width of the module's own output norm (`has_post_expert_norm`), 0: none
 
     def param(self, proj: str) -> str:
         """The attribute of the module holding projection `proj`'s fused parameter."""
@@ -134,7 +135,14 @@ def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleI
         is_concatenated=bool(getattr(module, "is_concatenated", True)),
         has_bias=bool(getattr(module, "has_bias", False)),
         call=known.get("call", "routed"),
+        post_expert_norm=_post_norm_width(module),
     )
+
+
+def _post_norm_width(module: nn.Module) -> int:
+    norm = getattr(module, "post_expert_norm", None) if getattr(module, "has_post_expert_norm", False) else None
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, Tensor) else 0
 
 
 PER_EXPERT_LINEARS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))

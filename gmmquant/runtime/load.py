@@ -30,7 +30,8 @@ def _experts_specs(model: nn.Module) -> tuple[dict[str, ExpertsSpec], torch.dtyp
             raise ValueError(f"{path} runs float weights; only quantized experts can be saved as a gmmquant checkpoint")
         extra = {name: [b for b in ("input_scale", "smooth_scale") if getattr(m, b) is not None] for name, m in projs.items()}
         specs[path] = ExpertsSpec(path, first.scheme, module.num_experts, dict(module.info.projections), first.act_dtype,
-                                  has_bias=first.bias is not None, extra={k: v for k, v in extra.items() if v})
+                                  has_bias=first.bias is not None, extra={k: v for k, v in extra.items() if v},
+                                  post_expert_norm=module.info.post_expert_norm if module.post_expert_norm is not None else 0)
         act = first.act_dtype
     if not specs:
         raise ValueError("the model has no GMM experts modules: call replace_experts(model, scheme) first")

@@ -137,7 +137,8 @@ def _shrink(config: PretrainedConfig, depth: int = 0) -> None:
     new_layers = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), None)
     if old_layers and new_layers and new_layers < old_layers:
         for key, value in attrs.items():
-            if isinstance(value, (list, tuple, str)) and len(value) == old_layers and not key.startswith("_"):
+            pattern = isinstance(value, str) and any(w in key for w in ("pattern", "layer", "block"))
+            if (isinstance(value, (list, tuple)) or pattern) and len(value) == old_layers and not key.startswith("_"):
                 setattr(config, key, _cut_per_layer(value, new_layers))
     if isinstance(vars(config).get("qk_rope_head_dim"), int):  # MLA: rotary width is qk_rope_head_dim
         if "head_dim" in vars(config):  # head_dim was either the rotary part or the whole q/k head
