@@ -36,6 +36,7 @@ SIZES: dict[str, int] = {
     "decoder_attention_heads": HEADS, "head_dim": HEAD_DIM, "d_kv": HEAD_DIM, "attention_head_dim": HEAD_DIM,
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": HEAD_DIM,
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "o_lora_rank": 16,
+    "linear_head_dim": 16, "linear_num_heads": 4, "projection_intermediate_size": 96,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 8, "mamba_d_state": 8, "state_size": 8,
     "n_groups": 1, "mamba_n_groups": 1, "time_step_rank": 8, "mamba_dt_rank": 8, "chunk_size": 16,
@@ -126,8 +127,10 @@ def _shrink(config: PretrainedConfig, depth: int = 0) -> None:
             setattr(config, key, HIDDEN)
         elif key == "per_layer_config" and isinstance(value, dict):
             pass  # cut below, once the new layer count is known
-        elif key in ("depths",) and isinstance(value, list):
-            setattr(config, key, [1] * len(value))
+        elif key in ("depths",) and isinstance(value, (list, tuple)):
+            setattr(config, key, type(value)([1] * len(value)))
+        elif key == "hidden_sizes" and isinstance(value, (list, tuple)):
+            setattr(config, key, type(value)([32] * len(value)))
     per_layer = attrs.get("per_layer_config")
     if isinstance(per_layer, dict):  # heterogeneous layers (gemma4, dots3_note): keep those that still exist
         n = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), 0)
@@ -136,7 +139,8 @@ def _shrink(config: PretrainedConfig, depth: int = 0) -> None:
         config.num_key_value_heads = config.num_attention_heads  # multi-head models (MLA) stay multi-head
     new_layers = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), None)
     if old_layers and new_layers and new_layers < old_layers:
-        for key, value in attrs.items():
+        for key in attrs:
+            value = vars(config)[key]  # as shrunk above (hidden_sizes, depths)
             pattern = isinstance(value, str) and any(w in key for w in ("pattern", "layer", "block"))
             if (isinstance(value, (list, tuple)) or pattern) and len(value) == old_layers and not key.startswith("_"):
                 setattr(config, key, _cut_per_layer(value, new_layers))
