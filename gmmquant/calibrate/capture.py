@@ -40,6 +40,13 @@ class _Recorder(nn.Module):
             if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
                 setattr(self, name, value)
 
+    def __getattr__(self, name: str):
+        # Anything else the loop reads from its layers (a property, a class attribute: inkling2's attention_type).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["layer"], name)
+
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((hidden_states, args, kwargs))
         if self.state["run_layers"]:

@@ -40,6 +40,7 @@ class Row:
     experts: str = ""  # "2 x E=8 (model.layers.1.mlp.experts, ...)"
     float_error: Optional[float] = None
     w8a16_error: Optional[float] = None
+    w8a16_logits_error: float = 0.0  # the whole model's (informative; see _calibrate)
     roundtrip: str = ""  # "identical" or the failure
     calibrate: str = ""  # "ok (err 0.012)", "not run", or the failure
     status: str = ""  # "supported", "refused", "cannot build tiny", "FAILED"
@@ -180,6 +181,7 @@ def check_family(model_type: str, work: Path, calibrate: bool = True) -> Row:
         quant = copy.deepcopy(model)
         replace_experts(quant, "w8a16")
         q_out = _output(quant, inputs)
+        row.w8a16_logits_error = _rel(q_out, reference)
         row.w8a16_error = _first_module_error(model, quant, next(iter(modules)), inputs)
         if row.w8a16_error > W8A16_TOL:
             row.failures.append(f"w8a16 error {row.w8a16_error:.2e} > {W8A16_TOL}")
@@ -248,8 +250,11 @@ def _calibrate(model_type, model, reference, inputs, work: Path, row: Row) -> st
     except Exception as exc:
         row.failures.append(f"calibrate: {_short(exc)}")
         return _short(exc)
-    if err > CALIBRATE_TOL:
-        row.failures.append(f"calibrated output error {err:.2e} > {CALIBRATE_TOL}")
+    # Some tiny random models move by several percent under any precision change (gpt_oss: bf16 alone gives
+    # 8%): the calibrated checkpoint must be as close to the float model as round-to-nearest w8a16 is.
+    bound = max(CALIBRATE_TOL, 1.5 * row.w8a16_logits_error)
+    if err > bound:
+        row.failures.append(f"calibrated output error {err:.2e} > {bound:.2e}")
     return f"ok, {len(report.layers)} layers, output err {err:.3f}"
 
 
