@@ -95,8 +95,9 @@ def _inputs(config, seed: int = 0) -> dict:
 
 
 def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return re.sub(r"\s+", " ", text)[:160]
+    cause = exc.__cause__  # config validators wrap the actual rule (StrictDataclassClassValidationError)
+    text = f"{type(exc).__name__}: {exc}" if cause is None else f"{type(cause).__name__}: {cause}"
+    return re.sub(r"\s+", " ", text).strip()[:200]
 
 
 def tiny_config_of(model_type: str):

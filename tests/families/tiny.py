@@ -136,7 +136,7 @@ def _shrink(config: PretrainedConfig, depth: int = 0) -> None:
         n = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), 0)
         config.per_layer_config = {k: v for k, v in per_layer.items() if int(k) < n}
     if multi_head:
-        config.num_key_value_heads = config.num_attention_heads  # multi-head models (MLA) stay multi-head
+        config.num_key_value_heads = vars(config)["num_attention_heads"]  # multi-head models (MLA) stay multi-head
     new_layers = next((vars(config)[k] for k in LAYER_COUNT_KEYS if isinstance(vars(config).get(k), int)), None)
     if old_layers and new_layers and new_layers < old_layers:
         for key in attrs:
