@@ -33,19 +33,25 @@ def calibration_model_class(config: Any) -> type:
     return auto_model_class(config)
 
 
-def check_one_stack(targets: list[str], layers_path: str) -> None:
-    """Calibration walks one list of decoder layers; experts outside it (diffusion_gemma's encoder and
-    decoder stacks, which share their weights) cannot be calibrated that way.
+TOWER_WORDS = ("vision", "visual", "audio")  # module paths of the non-text towers of multimodal models
+
+
+def check_one_stack(targets: list[str], layers_path: str) -> list[str]:
+    """Calibration walks one list of decoder layers on text. Experts outside it are either in a vision /
+    audio tower (dots3_note's vision experts): returned, to be left as they are in the checkpoint (float),
+    since text never reaches them; or in a second text stack (diffusion_gemma's encoder and decoder, which
+    share their weights): refused.
 
     Raises:
         CalibrationRefused: naming the experts modules outside `layers_path` and the round-to-nearest alternative.
     """
     outside = sorted(p for p in targets if not p.startswith(layers_path + "."))
-    if outside:
-        raise CalibrationRefused(f"experts modules {outside[:2]}{'...' if len(outside) > 2 else ''} are outside the decoder "
-                         f"layers {layers_path!r} that calibration walks (a model with two layer stacks); quantize it with "
-                         "round-to-nearest: gmmquant.replace_experts(model, scheme) then gmmquant.save_model(model, out_dir), "
-                         "or leave those modules out with the recipe's `ignore`")
+    if all(any(w in p for w in TOWER_WORDS) for p in outside):
+        return outside
+    raise CalibrationRefused(f"experts modules {outside[:2]}{'...' if len(outside) > 2 else ''} are outside the decoder "
+                             f"layers {layers_path!r} that calibration walks (a model with two layer stacks); quantize it "
+                             "with round-to-nearest: gmmquant.replace_experts(model, scheme) then "
+                             "gmmquant.save_model(model, out_dir), or leave those modules out with the recipe's `ignore`")
 
 
 __all__ = ["CalibrationRefused", "calibration_model_class", "check_one_stack"]

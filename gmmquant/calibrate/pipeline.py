@@ -44,7 +44,7 @@ from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
 from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
-from .families import calibration_model_class, check_one_stack
+from .families import TOWER_WORDS, calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
@@ -98,10 +98,12 @@ class CalibrationReport:
 
 def decoder_layers(model: nn.Module, experts_paths: list[str]) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder layers holding the experts modules (`model.layers`)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(p.startswith(f"{name}.") for p in experts_paths) and name:
-            if all(child_name.isdigit() for child_name, _ in module.named_children()):
-                return name, module
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and name and any(p.startswith(f"{name}.") for p in experts_paths)
+             and all(child_name.isdigit() for child_name, _ in module.named_children())]
+    text = [(n, m) for n, m in found if not any(w in n for w in TOWER_WORDS)]  # the language model's, not a tower's
+    if text or found:
+        return (text or found)[0]
     raise NoExpertsError("could not find the decoder-layer list that holds the experts modules")
 
 
@@ -351,7 +353,11 @@ def calibrate_model(
         for proj, (k, n) in info.projections.items():
             scheme.check_shape(k, n, f"{path}.{proj}")
     layers_path, skeleton_layers = decoder_layers(skeleton, list(targets))
-    check_one_stack(list(targets), layers_path)
+    towers = check_one_stack(list(targets), layers_path)
+    if towers:  # vision / audio tower experts: text calibration never reaches them; they stay as they are
+        logger.warning("leaving %d experts modules of a vision / audio tower in float (%s ...): calibration runs text",
+                       len(towers), towers[0])
+        targets = {p: info for p, info in targets.items() if p not in towers}
     num_layers = len(skeleton_layers)
     device_map = _offload_device_map(skeleton, layers_path, num_layers, device) if offload else {"": device}
     del skeleton

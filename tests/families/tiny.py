@@ -27,7 +27,8 @@ SIZES: dict[str, int] = {
     "moe_intermediate_size": 32, "expert_intermediate_size": 32, "moe_ffn_hidden_size": 32, "ffn_dim_per_expert": 32,
     "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "expert_dim": 32,
     "out_hidden_size": HIDDEN, "projection_dim": HIDDEN, "output_dim": HIDDEN, "text_hidden_size": HIDDEN,
-    "vision_output_dim": HIDDEN, "projector_hidden_size": HIDDEN,
+    "vision_output_dim": HIDDEN, "projector_hidden_size": HIDDEN, "adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN,
+    "adapter_input_size": HIDDEN,
     # depth
     "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "n_layer": 2, "depth": 1, "num_decoder_layers": 2,
     "encoder_layers": 2, "decoder_layers": 2, "num_encoder_layers": 2,
@@ -80,6 +81,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "diffusion_gemma": {"text_config.enable_moe_block": True, "text_config.num_experts": 8,
                         "text_config.top_k_experts": 2, "text_config.moe_intermediate_size": 32},
     "nemo_speechlm": {"text_config.layers_block_type": ["moe", "full_attention"]},
+    "dots3_note": {"text_config.head_dim": 16},  # its sliding layers' head_dim is qk_nope + qk_rope
     "vitpose_backbone": {"out_features": ["stage2"], "out_indices": [2]},  # the default names stage 12
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # defaults its attention cannot run
     "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "layer_types": ["linear_attention", "full_attention"]},
