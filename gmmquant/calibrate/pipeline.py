@@ -34,14 +34,17 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
-from ..pack.format import ExpertsSpec
+from ..pack.format import ExpertsSpec, expert_tensor_owner
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..pack.safety import check_output_target, read_model_config, scratch_dir
 from ..recipes import Recipe, load_recipe
-from ..runtime.experts import GMMExperts, GMMProjection
+from ..runtime.adapters import gmm_experts
+from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
+from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
+from .families import TOWER_WORDS, calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
@@ -93,28 +96,14 @@ class CalibrationReport:
         }
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during the capture pass: records its call, returns its input."""
-
-    def __init__(self, layer: nn.Module, calls: list):
-        super().__init__()
-        self.calls = calls
-        # Models' layer loops read plain attributes of their layers (attention_type, block_type, ...).
-        for name, value in vars(layer).items():
-            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
-                setattr(self, name, value)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states, args, kwargs))
-        return hidden_states
-
-
 def decoder_layers(model: nn.Module, experts_paths: list[str]) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder layers holding the experts modules (`model.layers`)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and any(p.startswith(f"{name}.") for p in experts_paths) and name:
-            if all(child_name.isdigit() for child_name, _ in module.named_children()):
-                return name, module
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and name and any(p.startswith(f"{name}.") for p in experts_paths)
+             and all(child_name.isdigit() for child_name, _ in module.named_children())]
+    text = [(n, m) for n, m in found if not any(w in n for w in TOWER_WORDS)]  # the language model's, not a tower's
+    if text or found:
+        return (text or found)[0]
     raise NoExpertsError("could not find the decoder-layer list that holds the experts modules")
 
 
@@ -162,7 +151,7 @@ def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, devi
 
 def _install(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, result: ModuleResult) -> None:
     source = layer.get_submodule(rel_path)
-    layer.set_submodule(rel_path, GMMExperts(source, info, result.projections, canonical_order=True))
+    layer.set_submodule(rel_path, gmm_experts(source, info, result.projections, canonical_order=True))
     strip_float_experts(source, info)  # the GMM module keeps the source's gate function, not its weights
 
 
@@ -179,6 +168,8 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
     Returns the changed non-expert parameters (name in the layer -> tensor), or None when no fold is
     possible or the folded block differs from the original by more than `tolerance` (then undone)."""
     module = layer.get_submodule(rel_path)
+    if info.stack or info.call != "routed":
+        return None  # folding scales the fused parameter in place: per-expert smooth scales instead
     block = layer.get_submodule(rel_path.rsplit(".", 1)[0]) if "." in rel_path else layer
     first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
     inputs = [s for s in stats.inputs[first] if s.absmax is not None]
@@ -189,7 +180,7 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
         logger.info("%s: no norm to fold SmoothQuant into; using per-expert smooth scales", rel_path)
         return None
     act = torch.stack([s.absmax for s in inputs]).amax(dim=0)
-    param = getattr(module, first)
+    param = getattr(module, info.param(first))
     k_axis = -2 if info.is_transposed else -1  # the input-channel axis of the fused [E, K, N] / [E, N, K]
     w_absmax = param.detach().abs().float().amax(dim=(0, -1 if info.is_transposed else -2))
     s = smoothing_factors(act, w_absmax, recipe.smoothquant.alpha)
@@ -337,7 +328,7 @@ def calibrate_model(
     Raises:
         RecipeError, DatasetError, NoExpertsError, FormatError; nothing is written on error.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     recipe = load_recipe(recipe)
     src = Path(model)
@@ -347,6 +338,7 @@ def calibrate_model(
     check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()
+    model_class = calibration_model_class(config)  # causal LM or vision-language; refuses seq2seq
     # Refuse what cannot work before loading any weight: no experts, shapes the scheme cannot pack.
     skeleton = meta_model(config)
     all_modules = find_experts_modules(skeleton)
@@ -363,6 +355,11 @@ def calibrate_model(
         for proj, (k, n) in info.projections.items():
             scheme.check_shape(k, n, f"{path}.{proj}")
     layers_path, skeleton_layers = decoder_layers(skeleton, list(targets))
+    towers = check_one_stack(list(targets), layers_path)
+    if towers:  # vision / audio tower experts: text calibration never reaches them; they stay as they are
+        logger.warning("leaving %d experts modules of a vision / audio tower in float (%s ...): calibration runs text",
+                       len(towers), towers[0])
+        targets = {p: info for p, info in targets.items() if p not in towers}
     num_layers = len(skeleton_layers)
     device_map = _offload_device_map(skeleton, layers_path, num_layers, device) if offload else {"": device}
     del skeleton
@@ -380,30 +377,22 @@ def calibrate_model(
         kwargs = {"device_map": device_map, "experts_implementation": "gmm"}  # our float GMM path: faster on CPU
         if offload:
             kwargs["offload_folder"] = offload_dir
-        model_obj = AutoModelForCausalLM.from_pretrained(src, **kwargs).eval()
+        model_obj = model_class.from_pretrained(src, **kwargs).eval()
         act = activation_dtype(next(model_obj.parameters()).dtype)
         layers = model_obj.get_submodule(layers_path)
 
         # Capture pass: every layer's call arguments, for every batch; layer 0's hidden states.
-        calls: list[list] = [[] for _ in range(num_layers)]
-        originals = list(layers)
-        for i in range(num_layers):
-            layers[i] = _Recorder(originals[i], calls[i])
-        with torch.no_grad():
-            for batch in batches:
-                model_obj(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
-        for i in range(num_layers):
-            layers[i] = originals[i]
-        del originals
+        calls = capture_layer_calls(model_obj, layers, batches, device, logits_to_keep=1)
         hidden = [c[0].cpu() for c in calls[0]]
 
-        specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias)
-                 for p, info in targets.items()}
+        specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias,
+                                post_expert_norm=info.post_expert_norm) for p, info in targets.items()}
         overrides: dict[str, Tensor] = {}
         report = CalibrationReport(recipe, [], int(ids.numel()))
         side_files: dict[str, str] = {}
         naming = disk_naming(config.model_type)
-        owned = {f"{p}.{proj}{suffix}" for p, info in targets.items() for proj in info.projections for suffix in ("", "_bias")}
+        owned = {f"{p}.{info.param(proj)}{suffix}" for p, info in targets.items() for proj in info.projections
+                 for suffix in ("", "_bias")} | {f"{p}.{n}" for p, info in targets.items() for n in info.stack or ()}
 
         def layer_tensors() -> Iterator[tuple[str, Tensor]]:
             nonlocal hidden
@@ -447,10 +436,13 @@ def calibrate_model(
                         if owned_by(naming, name, owned):
                             continue
                         renamed = naming.rename(name)
+                        # A non-expert tensor stored under the experts module's name on disk (laguna keeps its
+                        # router's e_score_correction_bias at `mlp.experts.`) is written under its model name.
+                        out_name = renamed if expert_tensor_owner(name, specs) is not None else name
                         if renamed in overrides:
-                            yield name, overrides.pop(renamed)
+                            yield out_name, overrides.pop(renamed)
                         else:
-                            yield name, f.get_tensor(name)
+                            yield out_name, f.get_tensor(name)
             if overrides:
                 raise RuntimeError(f"SmoothQuant changed {sorted(overrides)} but they are not in {src}'s files")
             side_files["calibration.json"] = json.dumps(report.to_dict(), indent=2) + "\n"

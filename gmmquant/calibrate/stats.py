@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..pack.layouts import ExpertsModuleInfo
+from ..pack.layouts import ExpertsModuleInfo, expert_weight
+from ..runtime.adapters import routed_rows
+from ..runtime.experts import gate_function
 from .gptq import accumulate_hessian
 
 
@@ -64,7 +66,9 @@ class ExpertsStats:
 
 def expert_weight_kn(module: nn.Module, info: ExpertsModuleInfo, proj: str, e: int) -> Tensor:
     """Expert e's `[K, N]` weight in the module's own column order (interleaved stays interleaved)."""
-    param = getattr(module, proj)[e]
+    if info.stack:  # dbrx: canonical order is its own
+        return expert_weight(module, info, proj)[e]
+    param = getattr(module, info.param(proj))[e]
     return param if info.is_transposed else param.t()
 
 
@@ -74,7 +78,7 @@ def expert_intermediate(module: nn.Module, info: ExpertsModuleInfo, e: int, x: T
     h = x @ expert_weight_kn(module, info, first, e).to(x.dtype)
     if info.has_bias:
         h = h + getattr(module, f"{first}_bias")[e].to(h.dtype)
-    return module._apply_gate(h) if first == "gate_up_proj" else module.act_fn(h)
+    return gate_function(module)(h) if first == "gate_up_proj" else module.act_fn(h)
 
 
 class ExpertsObserver:
@@ -95,21 +99,20 @@ class ExpertsObserver:
 
     @torch.no_grad()
     def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-        hidden, index = bound["hidden_states"], bound["top_k_index"]
+        hidden, index = routed_rows(self.info, args, kwargs)  # any call convention (runtime/adapters.py)
         e_count = self.info.num_experts
         valid = index[(index >= 0) & (index < e_count)]
         self.stats.routed += torch.bincount(valid.reshape(-1).cpu(), minlength=e_count)[:e_count]
         if not self.inputs:
             return
-        first = "gate_up_proj" if "gate_up_proj" in self.info.projections else "up_proj"
+        first = next(iter(self.info.projections))  # gate_up / up (or a lone projection's own)
         for e in range(e_count):
             x = hidden if self.all_experts else hidden[(index == e).any(dim=-1)]
             if x.shape[0] == 0:
                 continue
             self.stats.inputs[first][e].add(x)
-            self.stats.inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, x))
+            if first != "down_proj" and "down_proj" in self.info.projections:
+                self.stats.inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, x))
 
     def remove(self) -> ExpertsStats:
         self._handle.remove()

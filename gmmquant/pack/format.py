@@ -63,6 +63,7 @@ class ExpertsSpec:
     act_dtype: torch.dtype
     has_bias: bool = False
     extra: dict[str, list[str]] = field(default_factory=dict)
+    post_expert_norm: int = 0  # width of the experts' own output norm (muse_spark), kept in float; 0: none
 
     def expected_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """name -> (dtype, shape) of every tensor this module must have."""
@@ -87,6 +88,8 @@ class ExpertsSpec:
                 out[f"{base}.smooth_scale"] = (self.act_dtype, (e, k))
             if self.has_bias:
                 out[f"{base}.bias"] = (bias_dtype(self.act_dtype), (e, n))
+        if self.post_expert_norm:  # a float tensor of the model's dtype (None: any float dtype)
+            out[f"{self.prefix}.post_expert_norm.weight"] = (None, (self.post_expert_norm,))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +99,7 @@ class ExpertsSpec:
             "projections": {p: {"k": k, "n": n} for p, (k, n) in self.projections.items()},
             "has_bias": self.has_bias,
             "extra": self.extra,
+            **({"post_expert_norm": self.post_expert_norm} if self.post_expert_norm else {}),
         }
 
     @classmethod
@@ -107,7 +111,8 @@ class ExpertsSpec:
                 raise FormatError(f"module {prefix!r}: unknown projections {unknown}; known: {list(PROJECTIONS)}")
             return cls(prefix=prefix, scheme=QuantScheme.from_dict(data["scheme"]), num_experts=int(data["num_experts"]),
                        projections=projections, act_dtype=act_dtype, has_bias=bool(data.get("has_bias", False)),
-                       extra={k: list(v) for k, v in data.get("extra", {}).items()})
+                       extra={k: list(v) for k, v in data.get("extra", {}).items()},
+                       post_expert_norm=int(data.get("post_expert_norm", 0)))
         except (KeyError, TypeError, SchemeError) as err:
             raise FormatError(f"module {prefix!r}: malformed quantization_config entry ({type(err).__name__}: {err})") from err
 
@@ -194,10 +199,13 @@ def validate_tensors(specs: dict[str, ExpertsSpec], tensors: dict[str, tuple[tor
     for spec in specs.values():
         for name, (dtype, shape) in spec.expected_tensors().items():
             if name not in tensors:
-                problems.append(f"missing tensor {name} ({dtype_name(dtype)} {list(shape)})")
+                problems.append(f"missing tensor {name} ({dtype_name(dtype) if dtype else 'float'} {list(shape)})")
                 continue
             got_dtype, got_shape = tensors[name]
-            if got_dtype != dtype:
+            if dtype is None:
+                if not got_dtype.is_floating_point:
+                    problems.append(f"{name}: dtype {dtype_name(got_dtype)}, expected a float dtype")
+            elif got_dtype != dtype:
                 problems.append(f"{name}: dtype {dtype_name(got_dtype)}, expected {dtype_name(dtype)}")
             if tuple(got_shape) != tuple(shape):
                 problems.append(f"{name}: shape {list(got_shape)}, expected {list(shape)}")

@@ -42,17 +42,87 @@ class ExpertsModuleInfo:
     is_concatenated: bool
     has_bias: bool
     linear_names: Optional[tuple[str, str, str]] = None  # (gate, up, down) of an nn.ModuleList of MLPs
+    # How the MoE block calls the module (see runtime/adapters.py): "routed" `(hidden, top_k_index,
+    # top_k_weights)` (transformers 5); "dense" `(routed_in [E*T, H])`, every expert on router-scaled rows
+    # (llama4); "sorted" `(rows sorted by expert, expert_size)`, one projection (jetmoe's ParallelExperts).
+    call: str = "routed"
+    params: Optional[dict[str, str]] = None  # projection -> attribute of its parameter, when not the same name
+    # Experts kept as 2-D `[E*I, H]` parameters (gate, up, down paths in the module: dbrx's mlp.w1 / v1 / w2);
+    # gate and up are `[E, N, K]` per expert, down is `[E, K, N]` already.
+    stack: Optional[tuple[str, str, str]] = None
+    post_expert_norm: int = 0  # width of the module's own output norm (`has_post_expert_norm`), 0: none
+
+    def param(self, proj: str) -> str:
+        """The attribute of the module holding projection `proj`'s fused parameter."""
+        return (self.params or {}).get(proj, proj)
+
+
+# Experts classes transformers does not decorate with `use_experts_implementation`, and their layout.
+UNDECORATED_EXPERTS: dict[str, dict[str, Any]] = {
+    # gate_up [E, H, 2I], down [E, I, H]; the MoE block scales each expert's copy of the rows by its router
+    # score and runs every expert on all of them.
+    "Llama4TextExperts": {"is_transposed": True, "call": "dense"},
+    # Routed experts plus "zero-computation" experts (ids >= E: the token itself times its weight); gate_up
+    # has a row per expert of both kinds, down_proj only the E routed ones (the extra gate_up rows are unused).
+    "LongcatFlashExperts": {"call": "routed+identity"},
+    "DbrxExperts": {"stack": ("mlp.w1", "mlp.v1", "mlp.w2")},
+}
+
+
+def stack_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for experts kept as 2-D stacked parameters (UNDECORATED_EXPERTS "stack"), else None."""
+    stack = UNDECORATED_EXPERTS.get(type(module).__name__, {}).get("stack")
+    if stack is None:
+        return None
+    gate, _, down = (module.get_parameter(n) for n in stack)
+    e = int(module.num_experts)
+    inter, hidden = gate.shape[0] // e, gate.shape[1]
+    return ExpertsModuleInfo(path=path, num_experts=e, projections={"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)},
+                             is_transposed=False, is_concatenated=True, has_bias=False, stack=tuple(stack))
+
+
+def stacked_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """`[E, K, N]` of a stacked-parameter experts module (gate then up for gate_up_proj)."""
+    gate, up, down = (module.get_parameter(n) for n in info.stack)
+    e = info.num_experts
+    if proj == "down_proj":
+        return down.view(e, -1, down.shape[-1])
+    return torch.cat([gate.view(e, -1, gate.shape[-1]), up.view(e, -1, up.shape[-1])], dim=1).transpose(1, 2)
+# One projection of all experts, `weight` [E, N, K], called with rows sorted by expert and per-expert counts;
+# by its attribute in the MoE MLP block (jetmoe's `mlp.input_linear` / `mlp.output_linear`). The attention
+# experts of jetmoe (MoA, `self_attention.experts`) are attention projections and stay as they are.
+SORTED_PROJECTIONS = {"mlp.input_linear": "gate_up_proj", "mlp.output_linear": "down_proj"}
+
+
+def sorted_projection_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for a `...ParallelExperts` projection of an MoE MLP block, else None."""
+    role = next((r for suffix, r in SORTED_PROJECTIONS.items() if path == suffix or path.endswith("." + suffix)), None)
+    weight = getattr(module, "weight", None)
+    if role is None or not type(module).__name__.endswith("ParallelExperts") or not isinstance(weight, Tensor) or weight.dim() != 3:
+        return None
+    return ExpertsModuleInfo(path=path, num_experts=weight.shape[0], projections={role: (weight.shape[2], weight.shape[1])},
+                             is_transposed=False, is_concatenated=True, has_bias=False, call="sorted",
+                             params={role: "weight"})
 
 
 def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
-    """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter), else None."""
+    """ExpertsModuleInfo for a fused experts module (3-D `down_proj` parameter) or a sorted-rows projection
+    (SORTED_PROJECTIONS), else None."""
+    special = sorted_projection_info(path, module) or stack_info(path, module)
+    if special is not None:
+        return special
     down = getattr(module, "down_proj", None)
     if not isinstance(down, (nn.Parameter, Tensor)) or down.dim() != 3:
+        return None
+    if isinstance(getattr(module, "gate_proj", None), Tensor):
+        # Separate 3-D gate and up (inkling's always-on shared experts, called with per-token gammas): not a
+        # routed experts module; it stays the model's own, like other shared experts.
         return None
     first = next((n for n in GATE_UP_NAMES if isinstance(getattr(module, n, None), (nn.Parameter, Tensor))), None)
     if first is None:
         return None
-    transposed = bool(getattr(module, "is_transposed", False))
+    known = UNDECORATED_EXPERTS.get(type(module).__name__, {})
+    transposed = bool(getattr(module, "is_transposed", known.get("is_transposed", False)))
     up = getattr(module, first)
 
     def kn(t: Tensor) -> tuple[int, int]:
@@ -65,15 +135,24 @@ def experts_module_info(path: str, module: nn.Module) -> Optional[ExpertsModuleI
         is_transposed=transposed,
         is_concatenated=bool(getattr(module, "is_concatenated", True)),
         has_bias=bool(getattr(module, "has_bias", False)),
+        call=known.get("call", "routed"),
+        post_expert_norm=_post_norm_width(module),
     )
+
+
+def _post_norm_width(module: nn.Module) -> int:
+    norm = getattr(module, "post_expert_norm", None) if getattr(module, "has_post_expert_norm", False) else None
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, Tensor) else 0
 
 
 PER_EXPERT_LINEARS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 def module_list_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
-    """ExpertsModuleInfo for an nn.ModuleList of identical gated MLPs (remote-code / transformers 4 layout)."""
-    if not isinstance(module, nn.ModuleList) or len(module) < 2:
+    """ExpertsModuleInfo for an nn.ModuleList of identical gated MLPs named `experts` (remote-code /
+    transformers 4 layout; other lists of MLPs, such as longcat_flash's two dense `mlps`, are not experts)."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2 or not path.rsplit(".", 1)[-1].endswith("experts"):
         return None
     for names in PER_EXPERT_LINEARS:
         if not all(all(isinstance(getattr(m, n, None), nn.Linear) for n in names) for m in module):
@@ -89,19 +168,53 @@ def module_list_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo
     return None
 
 
-def module_list_weight(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
-    """Stack a ModuleList's per-expert nn.Linear weights into the canonical `[E, K, N]` (gate then up)."""
-    gate, up, down = info.linear_names
-    if proj == "gate_up_proj":
-        return torch.stack([torch.cat([getattr(m, gate).weight, getattr(m, up).weight]).t() for m in module])
-    return torch.stack([getattr(m, down).weight.t() for m in module])
+DICT_LINEARS = (("wi", "wo"), ("fc1", "fc2"))  # (up, down) of switch_transformers / nllb-moe experts
 
 
-def module_list_bias(module: nn.ModuleList, info: ExpertsModuleInfo, proj: str) -> Tensor:
+def experts_of(module: nn.Module) -> list[nn.Module]:
+    """The per-expert MLPs of an nn.ModuleList, or of an nn.ModuleDict keyed `expert_{i}`, in expert order."""
+    if isinstance(module, nn.ModuleDict):
+        return [module[f"expert_{i}"] for i in range(sum(k.startswith("expert_") for k in module.keys()))]
+    return list(module)
+
+
+def module_dict_info(path: str, module: nn.Module) -> Optional[ExpertsModuleInfo]:
+    """ExpertsModuleInfo for an nn.ModuleDict of `expert_{i}` MLPs without a gate (switch_transformers' wi / wo,
+    nllb-moe's fc1 / fc2), called `(hidden, selection, weights)`; see runtime/adapters.py."""
+    if not isinstance(module, nn.ModuleDict):
+        return None
+    keys = {k for k in module.keys() if k.startswith("expert_")}
+    if len(keys) < 2 or keys != {f"expert_{i}" for i in range(len(keys))}:
+        return None
+    members = experts_of(module)
+    for up, down in DICT_LINEARS:
+        if not all(isinstance(getattr(m, up, None), nn.Linear) and isinstance(getattr(m, down, None), nn.Linear) for m in members):
+            continue
+        first = getattr(members[0], up)
+        return ExpertsModuleInfo(path, len(members), {"up_proj": (first.in_features, first.out_features),
+                                                      "down_proj": (first.out_features, first.in_features)},
+                                 is_transposed=False, is_concatenated=True, has_bias=first.bias is not None,
+                                 linear_names=(None, up, down), call="dict")
+    return None
+
+
+def module_list_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    """Stack per-expert nn.Linear weights into the canonical `[E, K, N]` (gate then up; up alone without a gate)."""
     gate, up, down = info.linear_names
+    members = experts_of(module)
     if proj == "gate_up_proj":
-        return torch.stack([torch.cat([getattr(m, gate).bias, getattr(m, up).bias]) for m in module])
-    return torch.stack([getattr(m, down).bias for m in module])
+        return torch.stack([torch.cat([getattr(m, gate).weight, getattr(m, up).weight]).t() for m in members])
+    name = up if proj == "up_proj" else down
+    return torch.stack([getattr(m, name).weight.t() for m in members])
+
+
+def module_list_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tensor:
+    gate, up, down = info.linear_names
+    members = experts_of(module)
+    if proj == "gate_up_proj":
+        return torch.stack([torch.cat([getattr(m, gate).bias, getattr(m, up).bias]) for m in members])
+    name = up if proj == "up_proj" else down
+    return torch.stack([getattr(m, name).bias for m in members])
 
 
 def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
@@ -110,7 +223,7 @@ def find_experts_modules(model: nn.Module) -> dict[str, ExpertsModuleInfo]:
     for path, module in model.named_modules():
         if any(path.startswith(p + ".") for p in found):
             continue
-        info = experts_module_info(path, module) or module_list_info(path, module)
+        info = experts_module_info(path, module) or module_list_info(path, module) or module_dict_info(path, module)
         if info is not None:
             found[path] = info
     return found
@@ -120,15 +233,16 @@ _META_LOCK = threading.Lock()
 
 
 def meta_model(config: Any) -> nn.Module:
-    """The model of a config on the meta device: names, shapes and flags for free (no weights).
+    """The model of a config on the meta device: names, shapes and flags for free (no weights); built with
+    the config's own class (causal LM, vision-language, seq2seq: model_class.auto_model_class).
 
     Serialised: `from_config` sets and restores torch's global default dtype, so two threads building at once
     could leave it changed (seen as a bfloat16 default after concurrent validations).
     """
-    from transformers import AutoModelForCausalLM
+    from .model_class import auto_model_class
 
     with _META_LOCK, torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(config)._from_config(config)
 
 
 def deinterleave(t: Tensor, dim: int = -1) -> Tensor:
@@ -145,7 +259,9 @@ def expert_weight(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Tens
     """One projection of all experts of a module, canonical `[E, K, N]` (a view where the layout allows)."""
     if info.linear_names:
         return module_list_weight(module, info, proj)
-    return canonical(getattr(module, proj), info, proj)
+    if info.stack:
+        return stacked_weight(module, info, proj)
+    return canonical(getattr(module, info.param(proj))[: info.num_experts], info, proj)
 
 
 def expert_bias(module: nn.Module, info: ExpertsModuleInfo, proj: str) -> Optional[Tensor]:

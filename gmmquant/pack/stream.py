@@ -174,7 +174,8 @@ def stream_pack(
     param_owner = {f"{p}.{proj}": (p, proj) for p, info in targets.items() for proj in info.projections}
     bias_owner = {f"{p}.{proj}_bias": (p, proj) for p, info in targets.items() if info.has_bias for proj in info.projections}
     buffers = {(p, proj): _ProjectionBuffer(info, proj, scheme, act) for p, info in targets.items() for proj in info.projections}
-    specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias) for p, info in targets.items()}
+    specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias,
+                            post_expert_norm=info.post_expert_norm) for p, info in targets.items()}
     weight_map = weight_files(src)
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():

@@ -23,9 +23,22 @@ from ..kernels.backends import cpu as cpu_backend
 from ..pack import QuantizedWeight, QuantScheme
 from ..pack.primitives import a8w4_kwargs, bias_dtype
 from ..pack.format import ExpertsSpec
-from ..pack.layouts import ExpertsModuleInfo, expert_bias, module_list_weight
+from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, experts_of
 
 _BUFFERS = ("qweight", "antiquant_scale", "antiquant_offset", "weight_scale", "input_scale", "smooth_scale", "bias")
+
+
+def gate_function(source: nn.Module):
+    """The experts module's own gate on a gate_up output: its `_apply_gate` (transformers 5 decorated
+    modules, GPT-OSS's clamped SwiGLU), else `act_fn(gate) * up` on the two halves (llama4), else None (a
+    lone projection, whose block applies the gate itself)."""
+    apply_gate = getattr(source, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate
+    act = getattr(source, "act_fn", None) or getattr(getattr(source, "mlp", None), "activation_fn", None)  # dbrx
+    if act is None:
+        return None
+    return lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
 
 
 class GMMProjection(nn.Module):
@@ -146,11 +159,12 @@ class GMMExperts(nn.Module):
         for name, proj in projections.items():
             self.add_module(name, proj)
         # The model's own gate / activation (GPT-OSS clamps, custom _apply_gate, ...), without its weights.
-        if info.linear_names:  # a ModuleList of MLPs: act(gate) * up with the experts' own activation
-            act = source[0].act_fn
-            self._gate_fn = lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
+        if info.linear_names:  # per-expert MLPs: act(gate) * up (or act(up)) with the experts' own activation
+            first_expert = experts_of(source)[0]
+            act = getattr(first_expert, "act_fn", None) or first_expert.act
+            self._gate_fn = (lambda h: act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]) if self.has_gate else act
         else:
-            self._gate_fn = source._apply_gate if self.has_gate else source.act_fn
+            self._gate_fn = gate_function(source) if self.has_gate else getattr(source, "act_fn", None)
         # Quantized gate_up columns are gate-then-up; a model whose _apply_gate expects them interleaved
         # gets them re-interleaved (a gather on the [S, 2I] intermediate, not on weights).
         self._reinterleave = canonical_order and self.has_gate and not info.is_concatenated
@@ -166,9 +180,13 @@ class GMMExperts(nn.Module):
         return self._gate_fn(h)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """`[T, H]`, `[T, k]` expert ids, `[T, k]` weights -> `[T, H]`."""
+        """`[T, H]`, `[T, k]` expert ids, `[T, k]` weights -> `[T, H]` (any leading dims instead of T: dbrx
+        passes `[B, S, H]` and gets that shape back)."""
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
+        top_k_index, top_k_weights = top_k_index.reshape(num_tokens, top_k), top_k_weights.reshape(num_tokens, top_k)
         ids = top_k_index.reshape(-1)
         ids_sorted, perm = torch.sort(ids, stable=True)
         if self.expert_parallel:
@@ -186,7 +204,7 @@ class GMMExperts(nn.Module):
         h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(h.dtype)
         out = h.new_zeros(num_tokens * top_k, hidden)
         out[perm] = h
-        return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+        return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype).view(shape)
 
     def projections(self) -> list[GMMProjection]:
         return [m for m in self.children() if isinstance(m, GMMProjection)]
@@ -238,14 +256,14 @@ def float_projections(source: nn.Module, info: ExpertsModuleInfo, backend: Optio
     views of fused parameters, a stacked copy for a ModuleList)."""
     out = {}
     for proj in info.projections:
-        if info.linear_names:
-            weight, bias = module_list_weight(source, info, proj).detach(), expert_bias(source, info, proj)
+        if info.linear_names or info.stack:  # a stacked copy
+            weight, bias = expert_weight(source, info, proj).detach().contiguous(), expert_bias(source, info, proj)
         else:
-            param = getattr(source, proj)
+            param = getattr(source, info.param(proj))[: info.num_experts]
             weight = param if info.is_transposed else param.transpose(-1, -2)
             bias = getattr(source, f"{proj}_bias", None) if info.has_bias else None
         out[proj] = GMMProjection.from_float(weight, bias, backend)
     return out
 
 
-__all__ = ["GMMExpertList", "GMMExperts", "GMMProjection", "float_projections"]
+__all__ = ["GMMExpertList", "GMMExperts", "GMMProjection", "float_projections", "gate_function"]

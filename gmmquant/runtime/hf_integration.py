@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,14 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..pack.format import QUANT_METHOD, FormatError, parse_quantization_config
-from ..pack.layouts import experts_module_info
+from ..pack.layouts import experts_module_info, module_dict_info
 from ..pack.validate import validate_checkpoint
+from .adapters import gmm_experts
 from .experts import GMMExperts, GMMProjection, float_projections
 from .replace import runs_on_cpu, strip_float_experts, trim_heap
+
+
+PROJECTION_END = re.compile(r"(gate_up_proj|up_proj|down_proj|gate_proj)(_bias)?$")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -61,18 +66,39 @@ class GMMHfQuantizer(HfQuantizer):
             raise FormatError(f"quantized modules {missing} do not exist in {type(model).__name__}")
         for prefix, spec in self.quantization_config.specs.items():
             source = model.get_submodule(prefix)
-            info = experts_module_info(prefix, source)
+            info = experts_module_info(prefix, source) or module_dict_info(prefix, source)
             if info is None:
                 raise FormatError(f"{prefix} is not a fused experts module of {type(model).__name__}")
             projections = {p: GMMProjection.empty(spec, p) for p in spec.projections}
+            gmm = gmm_experts(source, info, projections, canonical_order=True)  # keeps the source's gate function
             strip_float_experts(source, info)
-            model.set_submodule(prefix, GMMExperts(source, info, projections, canonical_order=True))
+            model.set_submodule(prefix, gmm)
+            if "." in prefix:  # the MoE block's _init_weights may reach into its experts (switch_transformers'
+                # experts[f"expert_{i}"].wi): its own tensors come from the checkpoint, so it needs no init
+                model.get_submodule(prefix.rsplit(".", 1)[0])._is_hf_initialized = True
+        untie_quantized(model, list(self.quantization_config.specs))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for module in model.modules():
             if isinstance(module, GMMExperts) and runs_on_cpu(module, None):
                 module.prepare()  # load-time repacking for the CPU kernels
                 trim_heap()
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """The model's converters for fused experts parameters (qwen3_vl_moe and diffusion_gemma transpose
+        `mlp.experts.gate_up_proj` on load) are unanchored regexes, so they would also take the quantized
+        tensors `...gate_up_proj.qweight` / `.antiquant_scale` for the float parameter. Anchor them at the
+        end of the name: float experts (modules left out by `ignore`) still convert, quantized ones load as saved."""
+        from transformers.core_model_loading import WeightConverter
+
+        updated = []
+        for conv in weight_conversions:
+            sources = list(getattr(conv, "_original_source_patterns", None) or [])
+            if isinstance(conv, WeightConverter) and sources and all(PROJECTION_END.search(s) for s in sources):
+                conv = conv.copy([s if s.endswith("$") else s + "$" for s in sources],
+                                 list(conv._original_target_patterns), operations=list(conv.operations))
+            updated.append(conv)
+        return super().update_weight_conversions(updated, model)
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return False
@@ -83,6 +109,20 @@ class GMMHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def untie_quantized(model: nn.Module, prefixes: list[str]) -> None:
+    """Forget weight ties that involve replaced experts parameters (diffusion_gemma ties its encoder's experts
+    to its decoder's): both GMM modules are in the checkpoint and load their own tensors."""
+    for module in [model] + [m for m in model.modules() if m is not model]:
+        tied = getattr(module, "all_tied_weights_keys", None)
+        if not isinstance(tied, dict):
+            continue
+        base = next((n for n, m in model.named_modules() if m is module), "")
+        full = (lambda k: f"{base}.{k}" if base else k)
+        for target, source in list(tied.items()):
+            if any(full(target).startswith(p + ".") or full(source).startswith(p + ".") for p in prefixes):
+                del tied[target]
 
 
 def gmm_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..pack.checkpoint import SaveReport, load_quantized, save_quantized
 from ..pack.format import ExpertsSpec
+from ..pack.model_class import auto_model_class
 from .experts import GMMExperts, GMMProjection
 
 
@@ -29,7 +30,8 @@ def _experts_specs(model: nn.Module) -> tuple[dict[str, ExpertsSpec], torch.dtyp
             raise ValueError(f"{path} runs float weights; only quantized experts can be saved as a gmmquant checkpoint")
         extra = {name: [b for b in ("input_scale", "smooth_scale") if getattr(m, b) is not None] for name, m in projs.items()}
         specs[path] = ExpertsSpec(path, first.scheme, module.num_experts, dict(module.info.projections), first.act_dtype,
-                                  has_bias=first.bias is not None, extra={k: v for k, v in extra.items() if v})
+                                  has_bias=first.bias is not None, extra={k: v for k, v in extra.items() if v},
+                                  post_expert_norm=module.info.post_expert_norm if module.post_expert_norm is not None else 0)
         act = first.act_dtype
     if not specs:
         raise ValueError("the model has no GMM experts modules: call replace_experts(model, scheme) first")
@@ -56,7 +58,7 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     """Load a gmmquant checkpoint as a transformers model whose experts run on grouped-matmul kernels.
 
     The checkpoint is validated first (FormatError lists every problem), then loaded with
-    `AutoModelForCausalLM.from_pretrained` through gmmquant's quantizer: the model is built on the meta
+    the class its config names (`architectures`; else causal LM, image-text-to-text, ...) through gmmquant's quantizer: the model is built on the meta
     device, quantized experts modules become empty GMM modules that the checkpoint's tensors fill directly,
     and everything else, including experts left in float, goes through transformers' own loading and
     checkpoint conversions.
@@ -76,14 +78,15 @@ def load_model(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu
     Returns:
         The model in eval mode; `generate()` works as usual.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..interop.load import detect_format, load_foreign_model  # noqa: PLC0415 - interop imports runtime
 
     if detect_format(path) is not None:  # compressed-tensors / AscendV1: converted at load time (docs/INTEROP.md)
         return load_foreign_model(path, device=device, backend=backend, dtype=dtype, **kwargs)
     load_quantized(path, validate=False)  # a clear error if it is no gmmquant checkpoint; the quantizer validates it all
-    model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
+    model_class = auto_model_class(AutoConfig.from_pretrained(path))  # causal LM, vision-language, seq2seq
+    model = model_class.from_pretrained(path, **({"dtype": dtype} if dtype else {}), **kwargs)
     if backend is not None:
         for module in model.modules():
             if isinstance(module, GMMProjection):

@@ -14,7 +14,9 @@ from ..kernels.grouped_matmul import select_backend
 from ..pack import QuantizedWeight, QuantScheme, get_scheme, quantize_weight
 from ..pack.primitives import activation_dtype
 from ..pack.layouts import ExpertsModuleInfo, expert_bias, expert_weight, find_experts_modules
-from .experts import GMMExpertList, GMMExperts, GMMProjection, float_projections
+from .families import check_supported
+from .adapters import gmm_experts
+from .experts import GMMProjection, float_projections
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,11 @@ def trim_heap() -> None:
 
 def strip_float_experts(source: nn.Module, info: ExpertsModuleInfo) -> None:
     """Drop the float expert weights and biases of a replaced fused module (its gate function stays usable)."""
+    for name in info.stack or ():
+        parent, _, leaf = name.rpartition(".")
+        source.get_submodule(parent).register_parameter(leaf, None)
     for proj in info.projections:
-        for name in (proj, f"{proj}_bias"):
+        for name in (info.param(proj), f"{proj}_bias"):
             if getattr(source, name, None) is not None:
                 setattr(source, name, None)
 
@@ -95,6 +100,7 @@ def replace_experts(
     Raises:
         NoExpertsError: the model has no experts module.
     """
+    check_supported(model)
     modules = find_experts_modules(model)
     if not modules:
         raise NoExpertsError(f"{type(model).__name__} has no MoE experts modules (a fused module with a 3-D down_proj, or an nn.ModuleList of gate/up/down MLPs); nothing to replace")
@@ -112,8 +118,7 @@ def replace_experts(
         else:
             projections = float_projections(source, info, backend)
             canonical_order = False
-        cls = GMMExpertList if info.linear_names else GMMExperts
-        gmm = cls(source, info, projections, canonical_order)
+        gmm = gmm_experts(source, info, projections, canonical_order)
         report.bytes_before += sum(p.numel() * p.element_size() for p in source.parameters(recurse=True))
         if canonical_order and not info.linear_names:  # a replaced ModuleList is dropped whole
             strip_float_experts(source, info)
