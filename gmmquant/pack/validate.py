@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 POSITIVE = ("antiquant_scale", "weight_scale", "input_scale", "smooth_scale")
 FINITE = ("antiquant_offset", "bias")
+
+logger = logging.getLogger(__name__)
 
 
 def value_problem(name: str, tensor: torch.Tensor) -> Optional[str]:
@@ -71,12 +74,15 @@ def unexpected_tensor_problems(specs: "dict[str, ExpertsSpec]", names: Any) -> l
     return problems
 
 
-def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" = None) -> list[str]:
+def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" = None, *,
+                       missing_is_error: bool = True) -> list[str]:
     """The checkpoint against the model its config builds (or `model`, e.g. transformers' meta skeleton).
 
     Experts modules must exist with the configured expert count and projection shapes; every non-expert
     tensor the model has (except tied copies) must be stored, with the model's shape. Extra tensors are
-    allowed (transformers ignores them, e.g. multi-token-prediction layers).
+    allowed (transformers ignores them, e.g. multi-token-prediction layers). `missing_is_error=False` (loading)
+    logs missing non-expert tensors instead of refusing: matching disk names to the model's is heuristic for
+    some composite layouts (vision towers, renamed sub-models), while `inspect` and export stay strict.
     """
     from .layouts import disk_naming, find_experts_modules, meta_model
 
@@ -106,7 +112,15 @@ def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" =
         if dict(info.projections) != spec.projections:
             problems.append(f"{prefix}: projections {spec.projections} in quantization_config, the model config builds "
                             f"{dict(info.projections)}")
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    # transformers strips or prepends `base_model_prefix` levels when a checkpoint's names do not match the
+    # model's (a vision-language model's `language_model.model.*` on disk is `model.language_model.*` in
+    # memory): names are compared without those levels.
+    level = getattr(model, "base_model_prefix", "") or "model"
+
+    def canon(name: str) -> str:
+        return ".".join(p for p in name.split(".") if p != level)
+
+    expected = {canon(name): tuple(t.shape) for name, t in model.state_dict().items()}
     tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
     naming = disk_naming(model_type) if isinstance(model_type, str) else None
     present = set()
@@ -116,16 +130,22 @@ def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" =
         renamed = naming.rename(name) if naming else name
         piece = naming.piece(renamed) if naming else None
         if piece is not None:  # one expert's slice of a float experts module
-            present.add(piece[0])
+            present.add(canon(piece[0]))
             continue
+        renamed = canon(renamed)
         present.add(renamed)
         if renamed in expected and tuple(shape) != expected[renamed]:
             problems.append(f"{name}: shape {list(shape)}, the model config makes it {list(expected[renamed])}")
-    quantized = tuple(p + "." for p in ck.specs)
+    quantized = tuple(canon(p) + "." for p in ck.specs)
+    tied = {canon(n) for n in tied}
     missing = sorted(n for n in expected if n not in present and n not in tied and not n.startswith(quantized))
     if missing:
-        problems.append(f"missing tensors the model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                        f"({len(missing)} in all)")
+        message = (f"missing tensors the model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                   f"({len(missing)} in all)")
+        if missing_is_error:
+            problems.append(message)
+        else:
+            logger.warning("%s: %s (transformers initialises them)", ck.path, message)
     return problems
 
 
@@ -158,13 +178,14 @@ def checksum_problems(ck: "QuantizedCheckpoint") -> tuple[int, int, list[str]]:
     return read, verified, problems
 
 
-def validate_checkpoint(path: Any, *, structure: bool = True, model: "Optional[nn.Module]" = None) -> "QuantizedCheckpoint":
+def validate_checkpoint(path: Any, *, structure: bool = True, model: "Optional[nn.Module]" = None,
+                        missing_is_error: bool = True) -> "QuantizedCheckpoint":
     """`load_quantized` (names, dtypes, shapes, values, paths) plus `structure_problems`; FormatError lists all."""
     from .checkpoint import load_quantized
 
     ck = load_quantized(path)
     if structure:
-        problems = structure_problems(ck, model)
+        problems = structure_problems(ck, model, missing_is_error=missing_is_error)
         if problems:
             raise FormatError(f"{ck.path} does not fit the model its config.json describes:\n  " + "\n  ".join(problems))
     return ck
