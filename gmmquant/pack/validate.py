@@ -120,7 +120,9 @@ def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" =
     def canon(name: str) -> str:
         return ".".join(p for p in name.split(".") if p != level)
 
-    expected = {canon(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {canon(name): tuple(t.shape) for name, t in state.items()}
+    original = {canon(name): name for name in state}
     tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
     naming = disk_naming(model_type) if isinstance(model_type, str) else None
     present = set()
@@ -138,7 +140,7 @@ def structure_problems(ck: "QuantizedCheckpoint", model: "Optional[nn.Module]" =
             problems.append(f"{name}: shape {list(shape)}, the model config makes it {list(expected[renamed])}")
     quantized = tuple(canon(p) + "." for p in ck.specs)
     tied = {canon(n) for n in tied}
-    missing = sorted(n for n in expected if n not in present and n not in tied and not n.startswith(quantized))
+    missing = sorted(original[n] for n in expected if n not in present and n not in tied and not n.startswith(quantized))
     if missing:
         message = (f"missing tensors the model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                    f"({len(missing)} in all)")
