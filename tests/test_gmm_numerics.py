@@ -208,6 +208,40 @@ def test_weight_only_weight_is_rounded_in_activation_dtype():
     assert torch.equal(wb, expectb)
 
 
+@pytest.mark.parametrize("bits,groups", [(4, 1), (4, 8), (8, 1), (8, 4)])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_antiquant_weight_against_float64_on_random_data(bits, groups, with_offset):
+    """Every dequantization path (int4 / int8, per-channel / per-group, with / without offset, bf16 and fp16)
+    against a float64 oracle of the NPU's order: bf16 = one rounding of the exact value; fp16 = rounding
+    after the add and after the multiply. Scales span 2^-24..2^4, so the bf16 multiply path meets tiny and
+    large exponents."""
+    from gmmquant.kernels.int4 import pack_int4
+
+    gen = torch.Generator().manual_seed(bits * 10 + groups)
+    k, n = 64, 48
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    q = torch.randint(lo, hi, (3, k, n), generator=gen, dtype=torch.int8)
+    weight = pack_int4(q) if bits == 4 else q
+    shape = (3, n) if groups == 1 else (3, groups, n)
+    scale = torch.exp2(torch.empty(shape).uniform_(-24, 4, generator=gen)) * torch.rand(shape, generator=gen).add_(0.5)
+    offset = torch.randn(shape, generator=gen) * 3 if with_offset else None
+
+    def per_row(t):  # [E, N] / [E, G, N] -> broadcast over [E, K, N] in float64
+        t = t.double()
+        return t.unsqueeze(1) if groups == 1 else t.repeat_interleave(k // groups, dim=1)
+
+    sb = scale.bfloat16()
+    ob = None if offset is None else offset.bfloat16()
+    exact = q.double() + (0 if ob is None else per_row(ob))
+    expect_bf16 = (exact.float() * per_row(sb).float()).to(torch.bfloat16)  # NPU: float32 math, one rounding
+    assert torch.equal(npu_antiquant_weight(weight, sb, ob, torch.bfloat16), expect_bf16)
+    sh = scale.clamp(min=2.0**-14).half()
+    oh = None if offset is None else offset.half()
+    w16 = q.double() if oh is None else (q.double() + per_row(oh)).half().double()
+    expect_fp16 = (w16 * per_row(sh)).half()
+    assert torch.equal(npu_antiquant_weight(weight, sh, oh, torch.float16), expect_fp16)
+
+
 def test_a8w4_scale_bias_restores_x_at_w(one_thread):
     """With a8w4_scale_bias the A8W4 mode computes x @ (w * scale) * per_token_scale (the -8 shift cancels)."""
     call = _a8w4_call(4, torch.bfloat16, [30, 0, 10, 24], torch.Generator().manual_seed(5))

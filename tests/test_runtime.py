@@ -366,3 +366,25 @@ def test_replace_experts_with_checkpoint_tensors(tmp_path):
     assert sorted(report.modules) == sorted(ck.specs)
     ids = torch.randint(0, 96, (2, 6))
     torch.testing.assert_close(logits(target, ids), logits(quantized, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a16", "w4a16-g128", "w8a8-dynamic", "w4a8-dynamic"])
+def test_projection_gather_then_compute_equals_rows_argument(scheme):
+    """`proj(x, counts, rows=r)` (dynamic quantization of the T distinct tokens, then the gather) is
+    `proj(x[r], counts)` bit for bit, empty experts included."""
+    from gmmquant.pack import get_scheme, quantize_weight
+    from gmmquant.runtime.experts import GMMProjection
+
+    torch.manual_seed(3)
+    e, k, n, tokens, top_k = 6, 256, 64, 9, 2
+    w = torch.randn(e, k, n) * 0.05
+    if scheme is None:
+        proj = GMMProjection.from_float(w.to(torch.bfloat16), None, "cpu")
+    else:
+        proj = GMMProjection.from_quantized(quantize_weight(w, get_scheme(scheme), torch.bfloat16), torch.bfloat16, backend="cpu")
+    x = torch.randn(tokens, k).to(torch.bfloat16)
+    ids = torch.randint(0, e - 2, (tokens * top_k,))  # the last two experts get no rows
+    ids_sorted, perm = torch.sort(ids, stable=True)
+    counts = torch.bincount(ids_sorted, minlength=e)
+    rows = perm // top_k
+    assert torch.equal(proj(x, counts, rows=rows), proj(x[rows], counts))

@@ -91,10 +91,20 @@ class GMMProjection(nn.Module):
                 out.register_buffer(name[len(prefix):], torch.empty(shape, dtype=dtype, device=device))
         return out
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """`[S, K]` rows sorted by expert, `counts` int64 `[E]` -> `[S, N]`."""
+    def forward(self, x: Tensor, counts: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """`[S, K]` rows sorted by expert, `counts` int64 `[E]` -> `[S, N]`.
+
+        With `rows` (int64 `[S]`), x is `[T, K]` and the input rows are `x[rows]`: a per-token dynamic
+        quantization then runs on the T distinct tokens before the gather instead of on their S = T * top_k
+        copies (row-wise, so the result is the same bit for bit).
+        """
         common = dict(group_list=counts, group_list_type=1, group_type=0, split_item=2, backend=self.backend)
         bias = None if self.bias is None else [self.bias]
+        if rows is not None and self._quantizes_per_token():
+            xq, pts = dynamic_quant(x.to(self.act_dtype))
+            return self._full_quant(xq[rows], pts[rows], bias, common)
+        if rows is not None:
+            x = x[rows]
         if self.scheme is None:
             return grouped_matmul([x.to(self.weight.dtype)], [self.weight], bias=bias, **common)[0]
         x = x.to(self.act_dtype)
@@ -111,6 +121,13 @@ class GMMProjection(nn.Module):
             xq, pts = dynamic_quant(x, smooth_scales=self.smooth_scale, group_index=ends)
         else:
             xq, pts = dynamic_quant(x)
+        return self._full_quant(xq, pts, bias, common)
+
+    def _quantizes_per_token(self) -> bool:
+        """True when the input is quantized token by token with nothing expert-specific (no smooth scales)."""
+        return self.scheme is not None and self.scheme.activation == "dynamic" and self.smooth_scale is None
+
+    def _full_quant(self, xq: Tensor, pts: Tensor, bias: Optional[list[Tensor]], common: dict) -> Tensor:
         if self.scheme.a8w4:  # int64 scale + the mode's scale_bias, derived from the stored tensors once
             return grouped_matmul([xq], [self.qweight], per_token_scale=[pts], output_dtype=self.act_dtype,
                                   **self._a8w4_kwargs(), **common)[0]
@@ -195,9 +212,8 @@ class GMMExperts(nn.Module):
             valid = int((ids_sorted < self.num_experts).sum())
             perm, ids_sorted = perm[:valid], ids_sorted[:valid]
         counts = torch.bincount(ids_sorted, minlength=self.num_experts)
-        x = hidden_states[perm // top_k]
         first = self.gate_up_proj if self.has_gate else self.up_proj
-        h = self._gate(first(x, counts))
+        h = self._gate(first(hidden_states, counts, rows=perm // top_k))
         h = self.down_proj(h, counts)
         if self.post_expert_norm is not None:
             h = self.post_expert_norm(h)

@@ -191,8 +191,22 @@ def _fused_supported(plan: GMMPlan, op: Operands) -> bool:
 _forced = threading.local()
 
 
-def weight_only_kernel(plan: GMMPlan, g: Group, op: Operands) -> str:
-    """"fused" or "dequant_gemm" for this group (see cpu_autotune)."""
+def weight_only_kernel(plan: GMMPlan, g: Group, op: Operands, memo: Optional[dict] = None) -> str:
+    """"fused" or "dequant_gemm" for this group (see cpu_autotune).
+
+    `memo` holds one call's choices per (weight, rows bucket): a decode call asks for the same choice once
+    per routed expert, and looking it up costs more than some of the kernels it picks.
+    """
+    memo_key = (g.w_index, rows_bucket(g.size))
+    if memo is not None and memo_key in memo:
+        return memo[memo_key]
+    choice = _weight_only_choice(plan, g, op)
+    if memo is not None:
+        memo[memo_key] = choice
+    return choice
+
+
+def _weight_only_choice(plan: GMMPlan, g: Group, op: Operands) -> str:
     if not _fused_supported(plan, op):
         return DEQUANT
     forced = getattr(_forced, "choice", None)
@@ -206,12 +220,13 @@ def weight_only_kernel(plan: GMMPlan, g: Group, op: Operands) -> str:
     return cpu_autotune.choose(key)
 
 
-def compute_group(plan: GMMPlan, g: Group) -> Tensor:
+def compute_group(plan: GMMPlan, g: Group, memo: Optional[dict] = None) -> Tensor:
+    """Group g's output; `memo` (one dict per call) caches per-shape kernel choices across its groups."""
     op = plan.operands(g)
     if plan.mode is Mode.FLOAT:
         return _float_group(op, plan.out_dtype)
     if plan.mode is Mode.ANTIQUANT:
-        if weight_only_kernel(plan, g, op) == DEQUANT:
+        if weight_only_kernel(plan, g, op, memo) == DEQUANT:
             return _weight_only_exact(plan, op)
         if plan.weight_bits == 8:
             return _int8_weight_only(plan, g, op)
@@ -280,4 +295,5 @@ def run(plan: GMMPlan) -> list[Tensor]:
         y = float_grouped_mm(plan)
         if y is not None:
             return [y]
-    return plan.assemble([compute_group(plan, g) if g.size else None for g in plan.groups])
+    memo: dict = {}
+    return plan.assemble([compute_group(plan, g, memo) if g.size else None for g in plan.groups])

@@ -38,16 +38,16 @@ def quant_epilogue(acc: Tensor, op: Operands, mode: Mode, act_type: int, out_dty
     """Turn the int32 accumulator of a full-quant group into its output (formulas 2-1/2-2/3-1/3-2)."""
     if mode is Mode.QUANT_INT32:
         return acc if op.bias is None else acc + op.bias
-    y = acc.to(torch.float32)
+    y = acc.to(torch.float32, copy=True)  # never the caller's tensor: scaled in place below
     if op.bias is not None and op.bias.dtype == torch.int32:
         y = (acc + op.bias).to(torch.float32)
     if op.scale.dtype == torch.int64:
         scale, offset = decode_quant_param(op.scale)
     else:
         scale, offset = op.scale.float(), None
-    y = y * scale
+    y = y.mul_(scale)  # y is a fresh float32 tensor: scaled in place, same order and roundings
     if op.per_token_scale is not None:
-        y = y * op.per_token_scale.float().unsqueeze(-1)
+        y = y.mul_(op.per_token_scale.float().unsqueeze(-1))
     return finish_quant(y, offset, op, act_type, out_dtype)
 
 
