@@ -168,10 +168,10 @@ def _int4_weight_only(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
     return y
 
 
-def _int8_full_quant(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
+def _int8_full_quant(plan: GMMPlan, g: Group, op: Operands, out: Optional[Tensor] = None) -> Tensor:
     # torch._int_mm is exact; the epilogue is the reference's, so the result is the reference's bit for bit.
     acc = torch._int_mm(op.x, op.weight if op.weight.stride(-1) == 1 or op.weight.stride(-2) == 1 else op.weight.contiguous())
-    return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype)
+    return reference.quant_epilogue(acc, op, plan.mode, plan.act_type, plan.out_dtype, out)
 
 
 def _a8w4(plan: GMMPlan, g: Group, op: Operands) -> Tensor:
@@ -295,5 +295,26 @@ def run(plan: GMMPlan) -> list[Tensor]:
         y = float_grouped_mm(plan)
         if y is not None:
             return [y]
+    if _writes_in_place(plan):
+        return [_full_quant_single(plan)]
     memo: dict = {}
     return plan.assemble([compute_group(plan, g, memo) if g.size else None for g in plan.groups])
+
+
+def _writes_in_place(plan: GMMPlan) -> bool:
+    """Int8 x int8 calls with one float output: each group's epilogue writes its rows of the output
+    directly (no per-group result tensors, no final concatenation)."""
+    return (plan.output == "single" and not plan.k_split and plan.out_dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and plan.mode not in (Mode.FLOAT, Mode.ANTIQUANT, Mode.QUANT_A8W4, Mode.QUANT_INT32) and len(plan.groups) > 1)
+
+
+def _full_quant_single(plan: GMMPlan) -> Tensor:
+    x = plan.xs[0]
+    rows = sum(g.size for g in plan.groups)
+    out = torch.empty(rows, plan.n[0], dtype=plan.out_dtype, device=x.device)
+    start = 0
+    for g in plan.groups:
+        if g.size:
+            _int8_full_quant(plan, g, plan.operands(g), out[start : start + g.size])
+            start += g.size
+    return out

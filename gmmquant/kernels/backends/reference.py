@@ -34,24 +34,30 @@ def _float_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None or bias.dtype == torch.int32 else bias.float()
 
 
-def quant_epilogue(acc: Tensor, op: Operands, mode: Mode, act_type: int, out_dtype: torch.dtype) -> Tensor:
-    """Turn the int32 accumulator of a full-quant group into its output (formulas 2-1/2-2/3-1/3-2)."""
+def quant_epilogue(acc: Tensor, op: Operands, mode: Mode, act_type: int, out_dtype: torch.dtype,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """Turn the int32 accumulator of a full-quant group into its output (formulas 2-1/2-2/3-1/3-2).
+
+    `out`: optional `[m, N]` tensor of out_dtype (a float dtype) to write the result into.
+    """
     if mode is Mode.QUANT_INT32:
         return acc if op.bias is None else acc + op.bias
-    y = acc.to(torch.float32, copy=True)  # never the caller's tensor: scaled in place below
     if op.bias is not None and op.bias.dtype == torch.int32:
-        y = (acc + op.bias).to(torch.float32)
+        acc = acc + op.bias
     if op.scale.dtype == torch.int64:
         scale, offset = decode_quant_param(op.scale)
     else:
         scale, offset = op.scale.float(), None
-    y = y.mul_(scale)  # y is a fresh float32 tensor: scaled in place, same order and roundings
+    # int32 * float32 promotes to float32: the accumulator is converted exactly as .float() converts it,
+    # then scaled, in one pass; the result is a fresh tensor, so the per-token scale is applied in place.
+    y = acc * scale
     if op.per_token_scale is not None:
         y = y.mul_(op.per_token_scale.float().unsqueeze(-1))
-    return finish_quant(y, offset, op, act_type, out_dtype)
+    return finish_quant(y, offset, op, act_type, out_dtype, out)
 
 
-def finish_quant(y: Tensor, offset: Optional[Tensor], op: Operands, act_type: int, out_dtype: torch.dtype) -> Tensor:
+def finish_quant(y: Tensor, offset: Optional[Tensor], op: Operands, act_type: int, out_dtype: torch.dtype,
+                 out: Optional[Tensor] = None) -> Tensor:
     """The end of every full-quant formula, after scaling: + offset, + float bias, activation, cast."""
     if offset is not None:
         y = y + offset
@@ -59,7 +65,11 @@ def finish_quant(y: Tensor, offset: Optional[Tensor], op: Operands, act_type: in
     if fb is not None:
         y = y + fb
     y = apply_activation(y, act_type)
-    return finish_int8_output(y) if out_dtype == torch.int8 else y.to(out_dtype)
+    if out_dtype == torch.int8:
+        return finish_int8_output(y)
+    if out is None:
+        return y.to(out_dtype)
+    return out.copy_(y)  # the same round-to-nearest-even cast as .to(out_dtype)
 
 
 def split_int8_for_int4(x: Tensor) -> Tensor:
