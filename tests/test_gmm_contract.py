@@ -202,3 +202,31 @@ def test_env_var_selects_backend(monkeypatch):
     assert select_backend(xs(), "cpu") == "cpu"
     monkeypatch.delenv("GMMQUANT_BACKEND")
     assert select_backend(xs()) == "cpu"
+
+
+def test_signature_verdicts_are_cached_and_group_list_values_still_checked(monkeypatch):
+    """The signature checks run once per signature; group_list's values are checked on every call, and a
+    call differing only in a dtype or a stride is checked afresh."""
+    from gmmquant.kernels import contract
+
+    monkeypatch.setattr(contract, "_verdicts", {})
+    calls = []
+    real = contract._check_signature
+    monkeypatch.setattr(contract, "_check_signature", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    x = torch.randn(6, 16).to(torch.bfloat16)
+    w = torch.randn(3, 16, 8).to(torch.bfloat16)
+    kw = dict(group_list_type=1, group_type=0, split_item=2)
+    first = grouped_matmul([x], [w], group_list=torch.tensor([2, 0, 4]), backend="reference", **kw)[0]
+    second = grouped_matmul([x], [w], group_list=torch.tensor([1, 4, 1]), backend="reference", **kw)[0]
+    assert len(calls) == 1
+    expect = torch.cat([x[:1].double() @ w[0].double(), x[1:5].double() @ w[1].double(), x[5:].double() @ w[2].double()])
+    torch.testing.assert_close(second.double(), expect, rtol=2**-7, atol=1e-2)
+    assert not torch.equal(first, second)
+    with pytest.raises(GMMContractError, match="group_list"):
+        grouped_matmul([x], [w], group_list=torch.tensor([4, 4, 4]), backend="reference", **kw)
+    with pytest.raises(GMMContractError, match="dtype"):
+        grouped_matmul([x.half()], [w], group_list=torch.tensor([2, 0, 4]), backend="reference", **kw)
+    grouped_matmul([x], [w.transpose(1, 2).contiguous().transpose(1, 2)], group_list=torch.tensor([2, 0, 4]), backend="reference", **kw)
+    assert len(calls) == 3  # the half x and the transposed weight were new signatures (the first refused, not cached)
+    assert len(contract._verdicts) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -102,9 +103,73 @@ def check_grouped_matmul(
     (the npu backend passes it to the kernel untouched and a host read would stall the stream); the
     returned plan then has no groups.
 
+    The checks that depend only on the call's signature (every tensor's dtype, shape, strides and device,
+    the scalar arguments, a List[int] group_list) are cached per signature (`_verdicts`): a model calls
+    the same few signatures once per layer and step. Only group_list's values are checked on every call.
+
     Raises:
         GMMContractError: the first rule the call breaks, with the rule name and the offending values.
     """
+    static_args = (x, weight, bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale, group_list,
+                   activation_input, activation_quant_scale, activation_quant_offset, split_item, group_type,
+                   group_list_type, act_type, output_dtype, tuning_config)
+    key = _signature(static_args)
+    verdict = _verdicts.get(key) if key is not None else None
+    if verdict is None:
+        verdict = _check_signature(*static_args)
+        if key is not None:
+            if len(_verdicts) >= VERDICT_CACHE_SIZE:
+                _verdicts.clear()
+            _verdicts[key] = verdict
+    xs, ws = list(x), list(weight)
+    if isinstance(group_list, (list, tuple)) and len(group_list) == 0:  # as in _check_signature
+        group_list = None
+    api, mode, out_dtype, weight_bits = verdict.api, verdict.mode, verdict.out_dtype, verdict.weight_bits
+    x_single, w_single, single_output = verdict.x_single, verdict.w_single, verdict.single_output
+    k, n = list(verdict.k), list(verdict.n)  # the plan's own lists; the verdict keeps tuples
+
+    plan_groups, output_shapes, group_sizes = _plan_groups(
+        xs, ws, api, group_list, group_type, group_list_type, x_single, w_single, single_output, n, read_group_list
+    )
+    if per_token_scale is not None:
+        _check_per_token_scale(per_token_scale, xs)
+
+    def as_list(v: Any) -> Optional[list[Tensor]]:
+        return None if v is None else list(v)
+
+    # group_list forms 0 and 1 list the experts in order by construction; form 2 may skip or repeat them.
+    in_order = x_single and w_single and group_type == 0 and group_list_type in (0, 1)
+    return GMMPlan(
+        mode=mode,
+        groups=plan_groups,
+        out_dtype=out_dtype,
+        act_type=act_type,
+        weight_bits=weight_bits,
+        n=n,
+        k=k,
+        output="stacked" if group_type == 2 else ("single" if single_output else "multi"),
+        output_shapes=output_shapes,
+        xs=xs,
+        weights=ws,
+        bias=as_list(bias),
+        scale=as_list(scale),
+        antiquant_scale=as_list(antiquant_scale),
+        antiquant_offset=as_list(antiquant_offset),
+        per_token_scale=as_list(per_token_scale),
+        x=xs[0] if x_single else None,
+        weight=ws[0] if w_single else None,
+        experts_in_order=bool(in_order),
+        group_sizes=group_sizes if in_order else None,
+        k_split=group_type == 2,
+    )
+
+
+def _check_signature(x: Any, weight: Any, bias: Any, scale: Any, offset: Any, antiquant_scale: Any,
+                     antiquant_offset: Any, per_token_scale: Any, group_list: Any, activation_input: Any,
+                     activation_quant_scale: Any, activation_quant_offset: Any, split_item: int,
+                     group_type: Optional[int], group_list_type: int, act_type: int,
+                     output_dtype: Optional[torch.dtype], tuning_config: Optional[Sequence[int]]) -> "_Verdict":
+    """Every rule that does not read group_list's values; the outcome depends only on the signature."""
     xs = _tensor_list("x", x, required=True)
     ws = _tensor_list("weight", weight, required=True)
     for name, value in (
@@ -184,40 +249,51 @@ def check_grouped_matmul(
     k, n = _check_shapes(xs, ws, api, group_type, x_single, w_single, single_output, weight_bits)
     _check_param_shapes(ws, w_single, n, k, bias, scale, antiquant_scale, antiquant_offset, weight_bits, mode is Mode.QUANT_A8W4)
 
-    plan_groups, output_shapes, group_sizes = _plan_groups(
-        xs, ws, api, group_list, group_type, group_list_type, x_single, w_single, single_output, n, read_group_list
-    )
-    if per_token_scale is not None:
-        _check_per_token_scale(per_token_scale, xs)
+    return _Verdict(api, mode, out_dtype, weight_bits, x_single, w_single, single_output, tuple(k), tuple(n))
 
-    def as_list(v: Any) -> Optional[list[Tensor]]:
-        return None if v is None else list(v)
 
-    # group_list forms 0 and 1 list the experts in order by construction; form 2 may skip or repeat them.
-    in_order = x_single and w_single and group_type == 0 and group_list_type in (0, 1)
-    return GMMPlan(
-        mode=mode,
-        groups=plan_groups,
-        out_dtype=out_dtype,
-        act_type=act_type,
-        weight_bits=weight_bits,
-        n=n,
-        k=k,
-        output="stacked" if group_type == 2 else ("single" if single_output else "multi"),
-        output_shapes=output_shapes,
-        xs=xs,
-        weights=ws,
-        bias=as_list(bias),
-        scale=as_list(scale),
-        antiquant_scale=as_list(antiquant_scale),
-        antiquant_offset=as_list(antiquant_offset),
-        per_token_scale=as_list(per_token_scale),
-        x=xs[0] if x_single else None,
-        weight=ws[0] if w_single else None,
-        experts_in_order=bool(in_order),
-        group_sizes=group_sizes if in_order else None,
-        k_split=group_type == 2,
-    )
+@dataclass(frozen=True)
+class _Verdict:
+    """What `_check_signature` concluded about an accepted signature."""
+
+    api: str
+    mode: Mode
+    out_dtype: torch.dtype
+    weight_bits: int
+    x_single: bool
+    w_single: bool
+    single_output: bool
+    k: tuple[int, ...]
+    n: tuple[int, ...]
+
+
+VERDICT_CACHE_SIZE = 4096
+_verdicts: dict[tuple, _Verdict] = {}
+
+
+def _tensor_meta(t: Tensor) -> tuple:
+    return (t.dtype, t.shape, t.stride(), t.device)
+
+
+def _signature(args: tuple) -> Optional[tuple]:
+    """A hashable key of everything the signature checks read, or None when an argument is of a kind
+    the key does not describe (such calls are checked in full every time)."""
+    parts: list = []
+    for v in args:
+        if v is None or isinstance(v, (bool, int, str, torch.dtype)):
+            parts.append((type(v), v))
+        elif isinstance(v, Tensor):
+            parts.append(("tensor", _tensor_meta(v)))
+        elif isinstance(v, (list, tuple)):
+            if all(isinstance(t, Tensor) for t in v):
+                parts.append((type(v), tuple(_tensor_meta(t) for t in v)))
+            elif all(type(t) is int for t in v):
+                parts.append((type(v), "ints", tuple(v)))
+            else:
+                return None
+        else:
+            return None
+    return tuple(parts)
 
 
 def _scenario(xs: list[Tensor], ws: list[Tensor], api: str, group_type: Optional[int], single_output: bool, group_list: Any) -> tuple[bool, bool]:
