@@ -16,8 +16,8 @@ groups) and kept in a small JSON file:
 The file is `$GMMQUANT_CACHE_DIR/cpu-kernels.json` (default `~/.cache/gmmquant`), one section per machine
 signature (CPU model, ISA flags, torch version, threads). Both candidates stay within the contract's
 tolerance (docs/KERNELS.md "Numerics"); with `GMMQUANT_CPU_NUMERICS=npu` only the exact one is allowed.
-A call's `tuning_config[0]` (the expected rows per expert, as on the NPU) replaces the group's own row
-count when choosing, so every group of a call takes the same kernel.
+int8 x int8 and A8W4 calls have one exact kernel (`torch._int_mm`), so nothing to choose; the NPU's
+`tuning_config`, which the spec allows for int8 full quant only, therefore selects nothing on CPU.
 """
 
 from __future__ import annotations
