@@ -26,7 +26,7 @@ from tests.tiny_models import save_tiny_model
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
+def read_all(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -84,7 +84,7 @@ def fp8_checkpoint(root: Path, model_type: str = "deepseek_v3", block: tuple[int
     for k, v in overrides.items():
         setattr(config, k, v)
     float_dir = save_tiny_model(root / "float", config, seed=seed)
-    tensors = _read_all(float_dir)
+    tensors = read_all(float_dir)
     quant, ref = {}, {}
     for name, t in tensors.items():
         # linear projections (attention, shared and routed experts) are FP8; norms, router, embeddings stay bf16
@@ -119,7 +119,7 @@ def mxfp4_checkpoint(root: Path, seed: int = 0) -> tuple[Path, Path]:
     """(quant, ref) directories of a tiny gpt-oss whose experts are MXFP4 (random codes and exponents)."""
     config = tiny_config("gpt_oss")
     float_dir = save_tiny_model(root / "float", config, seed=seed)
-    tensors = _read_all(float_dir)
+    tensors = read_all(float_dir)
     gen = torch.Generator().manual_seed(seed)
     quant, ref = {}, {}
     for name, t in tensors.items():

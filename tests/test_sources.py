@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gmmquant.sources import SourceError, TensorStore, source_format
 from gmmquant.sources.fp8_block import dequantize_fp8_block
 from gmmquant.sources.mxfp4 import dequantize_mxfp4
-from tests.source_models import (fp8_block_reference, fp8_checkpoint, mxfp4_checkpoint, mxfp4_reference,
-                                 quantize_fp8_block)
+from tests.source_models import fp8_block_reference, fp8_checkpoint, mxfp4_checkpoint, mxfp4_reference, quantize_fp8_block
+from tests.source_models import read_all as _tensors
 
 BF16_REL = 2.0 ** -8  # one bf16 rounding (8 significant bits)
 
@@ -128,14 +126,6 @@ def test_corrupt_source_file_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------- tiny checkpoints: pack
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({n: f.get_tensor(n) for n in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -89,8 +89,11 @@ class _ProjectionBuffer:
             raise FormatError(f"{self.info.path}.{self.proj}: expert {first} has shape {list(w.shape[1:])}, expected [K, N] = [{self.k}, {self.n}]")
         try:
             qw = quantize_weight(w, self.scheme, self.act_dtype)
-        except ValueError as err:  # name the tensor: the message alone does not say where
-            raise FormatError(f"{self.info.path}.{self.proj}: experts {first}..{first + w.shape[0] - 1}: {err}") from None
+        except ValueError as err:  # name the tensor and the expert: the message alone does not say where
+            bad = (~torch.isfinite(w.float())).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            where = f"expert {first + bad[0]}" if bad else (
+                f"expert {first}" if w.shape[0] == 1 else f"experts {first}..{first + w.shape[0] - 1}")
+            raise FormatError(f"{self.info.path}.{self.proj}: {where}: {err}") from None
         parts = {"qweight": qw.qweight, "scale": qw.scale, "offset": qw.offset}
         if self.spools is None:
             e_count = self.info.num_experts
