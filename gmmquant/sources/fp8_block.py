@@ -19,6 +19,7 @@ from .base import SourceError, SourceFormat, Stored
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn,)
+ROWS_ELEMENTS = 2**24  # float64 elements dequantized at once (128 MiB)
 RULE = "quant_method fp8 stores weight_scale_inv float32 [ceil(out/b0), ceil(in/b1)] beside each float8_e4m3fn weight"
 
 
@@ -58,15 +59,20 @@ def dequantize_fp8_block(weight: Tensor, scale_inv: Tensor, block: tuple[int, in
                           f"{list(weight.shape)} weight with weight_block_size {list(block)} (rule: {RULE})")
     # float64: a float8 value (4 significant bits) times a float32 scale (24) is exact there, so the result
     # is rounded once, to `dtype` (float32 then bf16 would round twice and differ from a float64 reference).
-    s = scale_inv.double().repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    w = weight.double()
+    # Row blocks at a time: a float64 copy of a whole 16384 x 7168 projection would be 0.9 GiB per temporary.
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     full, rem = divmod(cols, block[1])
-    out = torch.empty_like(w)
-    # Scale by a view over column blocks instead of expanding the scales to the weight's full size.
-    out[..., : full * block[1]] = (w[..., : full * block[1]].unflatten(-1, (full, block[1])) * s[..., :full, None]).flatten(-2)
-    if rem:
-        out[..., full * block[1]:] = w[..., full * block[1]:] * s[..., full:]
-    return out.to(dtype)
+    step = block[0] * max(1, ROWS_ELEMENTS // max(1, block[0] * cols * max(1, weight[..., :1, :1].numel())))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        w = weight[..., r0:r1, :].double()
+        s = scale_inv[..., r0 // block[0]: -(-r1 // block[0]), :].double().repeat_interleave(block[0], dim=-2)[..., : r1 - r0, :]
+        # scale by a view over column blocks instead of expanding the scales to the weight's full size
+        w[..., : full * block[1]].unflatten(-1, (full, block[1])).mul_(s[..., :full, None])
+        if rem:
+            w[..., full * block[1]:].mul_(s[..., full:])
+        out[..., r0:r1, :] = w.to(dtype)
+    return out
 
 
 def make(qc: dict[str, Any]) -> SourceFormat:
