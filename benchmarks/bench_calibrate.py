@@ -54,8 +54,8 @@ def main_sources(args: argparse.Namespace) -> None:
             print(f"packed: {dir_size(out) / 2**30:.2f} GiB", flush=True)
             shutil.rmtree(out, ignore_errors=True)
         for recipe in [r for r in args.recipes.split(",") if r]:
-            out = tmp / f"cal-{recipe}"
-            runs[f"calibrate {recipe}"] = run_measured(
+            out = tmp / f"cal-{Path(recipe).stem}"
+            runs[f"calibrate {Path(recipe).stem}"] = run_measured(
                 [sys.executable, "-m", "gmmquant.cli", "calibrate", str(src), "-o", str(out), "--recipe", recipe,
                  "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--max-memory", args.max_memory,
                  "--overwrite"])
