@@ -48,7 +48,10 @@ def run_measured(cmd: list[str]) -> dict:
     """Run cmd, sampling /proc/PID/status every 20 ms: peak VmRSS (all resident pages, including
     mmap'd safetensors files) and peak RssAnon (memory the process allocated itself)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr goes to a file, not a pipe: progress bars of a long job would fill a pipe nobody reads until
+    # the end, and the job would block on its next write
+    err_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
     peak = {"VmRSS": 0, "RssAnon": 0}
     while proc.poll() is None:
         try:
@@ -59,8 +62,11 @@ def run_measured(cmd: list[str]) -> dict:
         except (FileNotFoundError, ProcessLookupError):
             break
         time.sleep(0.02)
-    stderr = proc.stderr.read().decode()
-    return {"rc": proc.wait(), "seconds": time.perf_counter() - start, "rss_mib": peak["VmRSS"] / 1024,
+    rc = proc.wait()
+    err_file.seek(0)
+    stderr = err_file.read().decode(errors="replace")
+    err_file.close()
+    return {"rc": rc, "seconds": time.perf_counter() - start, "rss_mib": peak["VmRSS"] / 1024,
             "anon_mib": peak["RssAnon"] / 1024, "stderr": stderr[-2000:]}
 
 

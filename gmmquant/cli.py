@@ -87,7 +87,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     scheme = get_scheme(args.scheme, **overrides)
     act = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.act_dtype]
     summary = stream_pack(args.model_dir, args.output, scheme, ignore=args.ignore, act_dtype=act,
-                          max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=_progress)
+                          max_shard_size=args.max_shard_size, max_memory=args.max_memory, overwrite=args.overwrite,
+                          progress=_progress)
     print(f"packed {args.model_dir} -> {args.output} with {scheme.name} "
           f"({scheme.weight_bits}-bit, {'per-group ' + str(scheme.group_size) if scheme.group_size else 'per-channel'}, "
           f"{'symmetric' if scheme.symmetric else 'asymmetric'})")
@@ -133,8 +134,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"calibrating {args.model or 'the built-in model'} with recipe {recipe.name!r} ({recipe.description or recipe.scheme}); "
           f"data: {cal.dataset}, {cal.num_samples} x {cal.seq_len} tokens, seed {cal.seed}"
           f"{', all experts see all tokens' if cal.all_experts else ''}")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     report = calibrate_model(model, args.output, recipe, device=args.device, offload=not args.no_offload,
-                       overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=_layer_progress)
+                             overwrite=args.overwrite, max_shard_size=args.max_shard_size, max_memory=args.max_memory,
+                             devices=devices, progress=_layer_progress)
     print(f"{'layer':>5}{'experts':>9}{'covered':>9}{'min tok':>9}{'median tok':>12}{'fallbacks':>11}"
           f"{'weight err':>12}{'output err':>12}  smoothing")
     for r in report.layers:
@@ -390,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="experts module paths to keep in float (fnmatch), repeatable")
     p.add_argument("--act-dtype", choices=["bf16", "fp16"], default=None, help="activation dtype (default: the config's)")
     p.add_argument("--max-shard-size", default="2GB", type=_size, help="output shard bound")
+    p.add_argument("--max-memory", default="2GiB", type=_size,
+                   help="budget for the experts in flight: fused tensors are read and quantized in chunks that fit it")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -410,7 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points (overrides the recipe)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="zero points (overrides the recipe)")
-    p.add_argument("--device", default="cpu", help="compute device of the current layer (cpu, cuda, npu)")
+    p.add_argument("--device", default="cpu", help="compute device of the current layer or chunk (cpu, cuda:N, npu:N)")
+    p.add_argument("--max-memory", default=None, type=_size,
+                   help="stream the experts from the files in chunks that fit this budget (e.g. 4GiB); the default "
+                        "for FP8 / MXFP4 / compressed-tensors sources is 2GiB (docs/SOURCES.md)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices to spread each layer's expert chunks over (streamed calibration)")
     p.add_argument("--no-offload", action="store_true", help="load the whole model in memory instead of layer by layer")
     p.add_argument("--max-shard-size", default="2GB", type=_size)
     p.add_argument("--overwrite", action="store_true")

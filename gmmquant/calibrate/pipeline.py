@@ -38,16 +38,20 @@ from ..pack.format import ExpertsSpec, expert_tensor_owner
 from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..pack.safety import check_output_target, read_model_config, scratch_dir
+from ..pack.budget import DEFAULT_MAX_MEMORY
 from ..recipes import Recipe, load_recipe
 from ..runtime.adapters import gmm_experts
 from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
+from ..sources import source_format
 from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
+from .devices import check_devices
 from .families import TOWER_WORDS, calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
+from .streamed import StreamPlan, calibrate_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +312,8 @@ def calibrate_model(
     offload: bool = True,
     overwrite: bool = False,
     max_shard_size: "int | str" = "2GB",
+    max_memory: "int | str | None" = None,
+    devices: Optional[list[str]] = None,
     progress: Optional[Progress] = None,
     on_layer: Optional[Callable[[LayerReport], None]] = None,
 ) -> CalibrationReport:
@@ -317,8 +323,13 @@ def calibrate_model(
         model: a local HF model directory (config.json, safetensors, tokenizer).
         out_dir: the checkpoint to write (atomically); it loads with `load_model` / `from_pretrained`.
         recipe: a Recipe, a shipped recipe name or a YAML path (default `w8a16`).
-        device: compute device for the current layer ("cpu", "cuda", "npu").
+        device: compute device for the current layer ("cpu", "cuda:N", "npu:N").
         offload: keep decoder layers on disk until their turn (bounded memory); False loads the whole model.
+        max_memory: budget for the experts in flight (`"4GiB"`, bytes). Given, or for a quantized source
+            (block FP8, MXFP4, compressed-tensors), calibration streams the experts from the files in
+            chunks that fit it (calibrate/streamed.py, docs/SOURCES.md); default 2GiB there.
+        devices: streamed calibration only: spread each layer's expert chunks over these devices
+            (round-robin; `device` is the first by default).
         progress: optional `progress(iterable, description, total)` wrapper (the CLI passes tqdm).
         on_layer: called with each layer's report as soon as it is done.
 
@@ -334,7 +345,11 @@ def calibrate_model(
     src = Path(model)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: not a model directory (no config.json); pass a local Hugging Face model directory")
-    read_model_config(src / "config.json")  # a clear FormatError for garbage, before transformers reads it
+    config_dict = read_model_config(src / "config.json")  # a clear FormatError for garbage, before transformers reads it
+    fmt = source_format(config_dict)  # a SourceError for an unknown quant_method, before any work
+    streamed = fmt.quantized or max_memory is not None or bool(devices)
+    if streamed:
+        devices = check_devices(list(devices or [device]))  # a missing GPU / toolkit fails now, not after the capture
     check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)
     scheme = recipe.quant_scheme()
@@ -372,6 +387,11 @@ def calibrate_model(
         raise DatasetError(f"{src}: its tokenizer produced token id {int(ids.max())}, outside the model's vocabulary "
                            f"of {vocab}; the tokenizer files do not belong to this model")
     batches = list(ids.split(cal.batch_size))
+    if streamed:
+        plan = StreamPlan(src, config, config_dict, model_class, targets, layers_path, batches, int(ids.numel()), fmt)
+        return calibrate_streamed(plan, out_dir, recipe, devices=devices,
+                                  max_memory=DEFAULT_MAX_MEMORY if max_memory is None else max_memory,
+                                  overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, on_layer=on_layer)
 
     with scratch_dir("gmmquant-offload-") as offload_dir:  # a killed run's offload copy: removed by the next run
         kwargs = {"device_map": device_map, "experts_implementation": "gmm"}  # our float GMM path: faster on CPU
@@ -447,7 +467,6 @@ def calibrate_model(
                 raise RuntimeError(f"SmoothQuant changed {sorted(overrides)} but they are not in {src}'s files")
             side_files["calibration.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
 
-        config_dict = json.loads((src / "config.json").read_text())
         report.save = save_quantized(out_dir, config=config_dict, specs=specs, tensors=all_tensors(), act_dtype=act,
                                      ignore=list(recipe.ignore), source_dir=src, max_shard_size=max_shard_size,
                                      overwrite=overwrite, extra_files=side_files)

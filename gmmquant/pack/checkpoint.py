@@ -31,6 +31,7 @@ from .format import (
 from .primitives import QuantizedWeight
 from .safety import UnsafeFileError, atomic_output_dir, copy_tree_safely, member_file, read_json_object, regular_file
 from .shards import INDEX_NAME, SAFETENSORS_TO_TORCH, SINGLE_NAME, ShardWriter, parse_size
+from .spool import SpooledTensor
 from .validate import unexpected_tensor_problems, value_problem, values_problems
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def save_quantized(
         for name, tensor in tensors:
             if expert_tensor_owner(name, specs) is not None:
                 seen[name] = (tensor.dtype, tuple(tensor.shape))
-                problem = value_problem(name, tensor)
+                # a spooled tensor's values were checked chunk by chunk as they were written
+                problem = None if isinstance(tensor, SpooledTensor) else value_problem(name, tensor)
                 if problem:
                     raise FormatError(f"refusing to write {problem}")
             writer.add(name, tensor)

@@ -20,6 +20,7 @@ from typing import BinaryIO, Optional
 import torch
 
 from .safety import atomic_output_dir  # noqa: F401 - re-exported: writers import it from here
+from .spool import SpooledTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 CHECKSUM_KEY = "gmmquant_sha256"
@@ -79,22 +80,34 @@ class ShardWriter:
         self._names: set[str] = set()
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: "torch.Tensor | SpooledTensor") -> None:
+        """Append one tensor; a `SpooledTensor` is copied from its file in blocks (never whole in memory)."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         if tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        nbytes = flat.numel() * flat.element_size()
+        spooled = isinstance(tensor, SpooledTensor)
+        if spooled:
+            nbytes = tensor.nbytes
+        else:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            nbytes = flat.numel() * flat.element_size()
         if self._entries and self._offset + nbytes > self.max_shard_bytes:
             self._flush()
         if self._data is None:
             self._data = open(self.directory / f"shard-{len(self._shards):05d}.data", "wb")
-        if nbytes:
+        digest = hashlib.sha256()
+        if spooled:
+            with open(tensor.path, "rb") as src:
+                while block := src.read(16 * 2**20):
+                    self._data.write(block)
+                    digest.update(block)
+        elif nbytes:
             data = memoryview(flat.view(torch.uint8).numpy())
             self._data.write(data)
+            digest.update(data)
         if self.checksums is not None:
-            self.checksums[name] = hashlib.sha256(data if nbytes else b"").hexdigest()
+            self.checksums[name] = digest.hexdigest()
         self._entries[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
