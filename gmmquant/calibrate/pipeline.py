@@ -51,7 +51,7 @@ from .families import TOWER_WORDS, calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsObserver, ExpertsStats
-from .streamed import StreamPlan, calibrate_streamed
+from .streamed import StreamPlan, calibrate_streamed, check_streamed_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,10 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
             st.absmax = st.absmax / s
         if st.hessian is not None:
             st.hessian = st.hessian / s.unsqueeze(0) / s.unsqueeze(1)
+    if stats.all_inputs:  # the blend's all-token Hessian of gate_up: one object shared by every expert
+        shared = stats.all_inputs[first][0]
+        if shared.hessian is not None:
+            shared.hessian = shared.hessian / s.unsqueeze(0) / s.unsqueeze(1)
     changed = {id(fold.norm.weight)} | {id(r.weight) for r in fold.readers}
     return {name: p.detach().clone() for name, p in layer.named_parameters() if id(p) in changed}
 
@@ -256,8 +260,11 @@ def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, 
     Returns the quantized modules by relative path, the layer's report, the next layer's inputs, and the
     non-expert parameters SmoothQuant changed (name in the layer -> tensor)."""
     blocks = {rel: layer.get_submodule(rel.rsplit(".", 1)[0]) if "." in rel else layer for rel in mine}
+    ar = recipe.autoround
     observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
-                                      hessian=recipe.algorithm == "gptq", inputs=recipe.needs_activation_statistics)
+                                      hessian=recipe.needs_hessians, inputs=recipe.needs_activation_statistics,
+                                      samples=ar.max_rows if recipe.algorithm == "autoround" else 0,
+                                      seed=ar.seed + 7919 * index, blend=recipe.blends_all_tokens)
                  for rel, info in mine.items()}
     with _BlockOutputs(blocks) as float_run:
         inputs.run(layer)
@@ -349,6 +356,7 @@ def calibrate_model(
     fmt = source_format(config_dict)  # a SourceError for an unknown quant_method, before any work
     streamed = fmt.quantized or max_memory is not None or bool(devices)
     if streamed:
+        check_streamed_recipe(recipe)  # a RecipeError for what only the in-memory path implements, before any work
         devices = check_devices(list(devices or [device]))  # a missing GPU / toolkit fails now, not after the capture
     check_output_target(out_dir, overwrite, protect=[src], probe_lock=True)  # before hours of work: -o SRC, an existing output
     config = AutoConfig.from_pretrained(src)

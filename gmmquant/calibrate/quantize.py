@@ -1,7 +1,9 @@
 """Quantize one experts module from its calibration statistics, expert by expert.
 
 Each expert of each projection is quantized with the recipe's algorithm (GPTQ from that expert's own
-Hessian, or round-to-nearest with the recipe's observer). An expert whose statistics saw fewer than
+Hessian, optionally blended with the all-token Hessian for rarely routed experts; learned rounding and
+clipping of all the expert's projections together, autoround.py; or round-to-nearest with the recipe's
+observer). An expert whose statistics saw fewer than
 `min_tokens` rows, where the algorithm needs data, falls back to RTN and is reported by name. SmoothQuant
 factors (per expert, or one per layer after a norm fold) are multiplied into the weights first; W8A8
 static gets one activation scale per expert. Hessians are freed as soon as their expert is done.
@@ -21,6 +23,7 @@ from ..pack.primitives import QuantizedWeight, quantize_weight
 from ..pack.schemes import QuantScheme
 from ..recipes import Recipe
 from ..runtime.experts import GMMProjection
+from .autoround import autoround_module
 from .gptq import gptq_quantize
 from .observers import OBSERVERS
 from .smoothquant import smooth_scale_for, smoothing_factors
@@ -58,6 +61,25 @@ def _input_scales(stats: ExpertsStats, proj: str, fallback: list[bool]) -> Tenso
     return torch.where(ok, scale, top).to(torch.float32)
 
 
+def blend_hessian(own: Optional[Tensor], rows: int, every: Optional[Tensor], weight_rows: float) -> Optional[Tensor]:
+    """GPTQ Hessian of a possibly rarely routed expert: `(n_e H_e + w H_all) / (n_e + w)`.
+
+    Args:
+        own: `[K, K]` float32 Hessian of the expert's routed rows (None if it saw none); rows: n_e.
+        every: `[K, K]` float32 Hessian of every calibration token through this expert (None: no blend).
+        weight_rows: w = blend_all_tokens x blend_rows, the all-token share in rows: an expert routed far
+            more than w tokens keeps its own statistics, one routed far fewer gets the all-token Hessian.
+
+    Returns:
+        `[K, K]` float32 blended Hessian (own unchanged when every is None or weight_rows is 0).
+    """
+    if every is None or weight_rows <= 0:
+        return own
+    if own is None or rows == 0:
+        return every.clone()
+    return (own * rows + every * weight_rows) / (rows + weight_rows)
+
+
 def quantize_experts(
     module: nn.Module,
     info: ExpertsModuleInfo,
@@ -90,10 +112,30 @@ def quantize_experts(
     data_needed = recipe.needs_activation_statistics
     result = ModuleResult(path, {}, stats.routed.tolist())
     first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
+    g = recipe.gptq
+    blend = bool(stats.all_inputs) and g.blend_all_tokens > 0
+    min_tokens = recipe.calibration.min_tokens
+
+    def fallbacks_of(proj: str) -> list[bool]:
+        own = stats.seen(proj)
+        if blend:  # the blended Hessian has every token's share: only an expert without any data falls back
+            return [data_needed and own[e] + stats.all_inputs[proj][e].rows < min_tokens for e in range(len(own))]
+        return [data_needed and n < min_tokens for n in own]
+
+    if blend:
+        for proj in info.projections:
+            for e, st in enumerate(stats.inputs[proj]):
+                st.hessian = blend_hessian(st.hessian, st.rows, stats.all_inputs[proj][e].hessian,
+                                           g.blend_all_tokens * g.blend_rows)
+    learned = None
+    if recipe.algorithm == "autoround":
+        learned = autoround_module(module, info, stats, recipe, act_dtype, fallbacks_of(first), path=path)
     for proj in info.projections:
         weights = expert_weight(module, info, proj)
         seen = stats.seen(proj)
-        fallback = [data_needed and n < recipe.calibration.min_tokens for n in seen]
+        fallback = fallbacks_of(proj)
+        if learned is not None:  # learned rounding needs the first projection's rows for the whole expert
+            fallback = [f or learned[proj][e] is None for e, f in enumerate(fallbacks_of(first))]
         result.seen[proj] = seen
         per_expert_smooth = smooth is not None and not (proj == first and gate_up_folded)
         smooth_rows: list[Tensor] = []
@@ -112,8 +154,9 @@ def quantize_experts(
                 if input_stats.hessian is not None:  # x' = x * stored: H' = diag(stored) H diag(stored)
                     f = stored.float()
                     input_stats.hessian = input_stats.hessian * f.unsqueeze(0) * f.unsqueeze(1)
-            if recipe.algorithm == "gptq" and not fallback[e]:
-                g = recipe.gptq
+            if learned is not None and learned[proj][e] is not None:
+                qw = learned[proj][e]
+            elif recipe.algorithm == "gptq" and not fallback[e]:
                 qw = gptq_quantize(w, input_stats.hessian, scheme, act_dtype, block_size=g.block_size, damp=g.damp,
                                    act_order=g.act_order, observer=recipe.observer)
             else:
@@ -128,7 +171,7 @@ def quantize_experts(
             if fallback[e]:
                 name = f"{path}[{e}].{proj}"
                 result.fallbacks.append(name)
-                logger.warning("%s saw %d calibration tokens (< min_tokens=%d): falls back to RTN", name, seen[e],
+                logger.warning("%s saw %d calibration tokens (min_tokens=%d): falls back to RTN", name, seen[e],
                                recipe.calibration.min_tokens)
         extra = {}
         if smooth_rows:
@@ -142,4 +185,4 @@ def quantize_experts(
     return result
 
 
-__all__ = ["ModuleResult", "quantize_experts"]
+__all__ = ["ModuleResult", "blend_hessian", "quantize_experts"]

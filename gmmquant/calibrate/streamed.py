@@ -43,7 +43,7 @@ from ..pack.safety import scratch_dir
 from ..pack.shards import parse_size
 from ..pack.spool import ExpertSpool, SpooledTensor
 from ..pack.validate import value_problem
-from ..recipes import Recipe
+from ..recipes import Recipe, RecipeError
 from ..runtime.experts import GMMExperts, GMMProjection
 from ..runtime.replace import trim_heap
 from ..sources import SourceFormat, TensorStore
@@ -237,10 +237,30 @@ class StreamPlan:
     fmt: SourceFormat
 
 
+def check_streamed_recipe(recipe: Recipe) -> None:
+    """Refuse what the streamed path does not implement, before any work (no silent fallback).
+
+    Raises:
+        RecipeError: `algorithm: autoround` (learned rounding needs each expert's sampled routed rows, which
+            chunk statistics do not keep) or `gptq.blend_all_tokens` > 0 (needs every token's Hessian per
+            expert, which chunk statistics do not collect).
+    """
+    if recipe.algorithm == "autoround":
+        raise RecipeError("algorithm: autoround is not supported by streamed calibration (FP8 / MXFP4 / compressed "
+                          "sources, or a max_memory budget) (rule: learned rounding needs each expert's sampled routed "
+                          "rows, which the streamed path does not keep); use algorithm: gptq, or a bf16 source without "
+                          "max_memory")
+    if recipe.gptq.blend_all_tokens > 0 and recipe.needs_hessians:
+        raise RecipeError("gptq.blend_all_tokens: not supported by streamed calibration (rule: the blended Hessian "
+                          "needs every token's Hessian per expert, which the streamed path does not collect); set it to "
+                          "0, or calibrate a bf16 source without max_memory")
+
+
 def calibrate_streamed(plan: StreamPlan, out_dir: "str | Path", recipe: Recipe, *, devices: list[str],
                        max_memory: "int | str", overwrite: bool, max_shard_size: "int | str",
                        progress: Optional[Callable] = None, on_layer: Optional[Callable] = None) -> Any:
     """Calibrate `plan` chunk by chunk (see the module docstring); returns a pipeline.CalibrationReport."""
+    check_streamed_recipe(recipe)
     from accelerate import init_empty_weights
 
     from .pipeline import CalibrationReport, LayerInputs, LayerReport, _projection_tensors, _relative_error

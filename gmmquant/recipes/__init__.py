@@ -1,7 +1,7 @@
 """Recipes: what `gmmquant calibrate` does to a model, as a YAML file validated before any model is loaded.
 
 A recipe names the quantization scheme (a preset of `pack.schemes`, optionally with `group_size` /
-`symmetric` overrides), how weights are rounded (`algorithm`: rtn | gptq, `observer`: minmax | mse),
+`symmetric` overrides), how weights are rounded (`algorithm`: rtn | gptq | autoround, `observer`: minmax | mse),
 SmoothQuant for W8A8, which experts modules are targeted, and the calibration data. The shipped recipes
 are the `*.yaml` files next to this module; `load_recipe` takes one of their names or a path.
 
@@ -22,7 +22,8 @@ import yaml
 
 from ..pack.schemes import PRESETS, QuantScheme, SchemeError, get_scheme
 
-ALGORITHMS = ("rtn", "gptq")
+ALGORITHMS = ("rtn", "gptq", "autoround")
+AUTOROUND_INITS = ("rtn", "gptq")
 OBSERVERS = ("minmax", "mse")
 # Never quantized: routers, shared-expert gates and the LM head are small and precision-critical. Only
 # experts modules are quantized at all; the defaults keep that explicit and let users add their own.
@@ -42,6 +43,35 @@ class GPTQSettings:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    # Rarely routed experts: H = (n_e H_e + w n_min H_all) / (n_e + w n_min), with H_all the Hessian of
+    # every calibration token through that expert (w = blend_all_tokens, n_min = blend_rows). 0 = off.
+    blend_all_tokens: float = 0.0
+    blend_rows: int = 256
+
+
+@dataclass(frozen=True)
+class AutoRoundSettings:
+    """Learned rounding and clipping per expert (calibrate/autoround.py).
+
+    Attributes:
+        iters: signed-gradient steps per expert.
+        lr: initial step size (default 1 / iters), decayed linearly to 0.
+        max_rows: routed tokens kept per expert (sampled deterministically from the calibration stream).
+        batch_rows: rows per step (0 = all max_rows).
+        seed: seed of the row sampling.
+        init: "rtn" (start from the float weight) or "gptq" (start from the GPTQ-quantized weight).
+        min_clip: lower bound of the learned clip factors (1 = no clipping learned).
+        learn_clip: learn the clip factors (else rounding only).
+    """
+
+    iters: int = 200
+    lr: Optional[float] = None
+    max_rows: int = 2048
+    batch_rows: int = 512
+    seed: int = 0
+    init: str = "rtn"
+    min_clip: float = 0.5
+    learn_clip: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,7 @@ class Recipe:
     algorithm: str = "rtn"
     observer: str = "minmax"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    autoround: AutoRoundSettings = field(default_factory=AutoRoundSettings)
     smoothquant: Optional[SmoothQuantSettings] = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -103,7 +134,17 @@ class Recipe:
     def needs_activation_statistics(self) -> bool:
         """Whether quantizing needs the experts' input statistics (GPTQ Hessians, SmoothQuant or static
         activation ranges); weight-only and dynamic RTN need only the weights."""
-        return self.algorithm == "gptq" or self.smoothquant is not None or self.quant_scheme().activation == "static"
+        return self.algorithm != "rtn" or self.smoothquant is not None or self.quant_scheme().activation == "static"
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Whether quantizing needs per-expert GPTQ Hessians (GPTQ, or learned rounding started from GPTQ)."""
+        return self.algorithm == "gptq" or (self.algorithm == "autoround" and self.autoround.init == "gptq")
+
+    @property
+    def blends_all_tokens(self) -> bool:
+        """Whether GPTQ Hessians blend in every token's (gptq.blend_all_tokens > 0)."""
+        return self.needs_hessians and self.gptq.blend_all_tokens > 0
 
     def targets_module(self, path: str) -> bool:
         """Whether an experts module at `path` is quantized by this recipe."""
@@ -183,6 +224,21 @@ def validate(recipe: Recipe) -> Recipe:
     _positive("gptq.damp", g.damp)
     if scheme.group_size is not None and g.block_size % scheme.group_size and scheme.group_size % g.block_size:
         raise RecipeError(f"gptq.block_size: {g.block_size} and group_size {scheme.group_size} must divide one another")
+    _positive("gptq.blend_all_tokens", g.blend_all_tokens, allow_zero=True)
+    _positive("gptq.blend_rows", g.blend_rows)
+    a = recipe.autoround
+    _positive("autoround.iters", a.iters)
+    if a.lr is not None:
+        _positive("autoround.lr", a.lr)
+    _positive("autoround.max_rows", a.max_rows)
+    _positive("autoround.batch_rows", a.batch_rows, allow_zero=True)
+    if a.init not in AUTOROUND_INITS:
+        raise RecipeError(f"autoround.init: must be one of {AUTOROUND_INITS}, got {a.init!r}")
+    if not 0.0 < a.min_clip <= 1.0:
+        raise RecipeError(f"autoround.min_clip: must be in (0, 1], got {a.min_clip}")
+    if recipe.algorithm == "autoround" and recipe.smoothquant is not None:
+        raise RecipeError("autoround: learned rounding does not combine with smoothquant (rule: the rounding is "
+                          "learned on the unsmoothed expert); drop the smoothquant section or use algorithm: gptq")
     c = recipe.calibration
     for key in ("num_samples", "seq_len", "batch_size"):
         _positive(f"calibration.{key}", getattr(c, key))
@@ -275,5 +331,5 @@ def _recipe_text(name_or_path: "str | Path") -> tuple[str, str]:
     return shipped.read_text(), f"{name_or_path}.yaml"
 
 
-__all__ = ["CalibrationSettings", "DEFAULT_RECIPE", "GPTQSettings", "Recipe", "RecipeError", "SmoothQuantSettings",
+__all__ = ["AutoRoundSettings", "CalibrationSettings", "DEFAULT_RECIPE", "GPTQSettings", "Recipe", "RecipeError", "SmoothQuantSettings",
            "load_recipe", "parse_recipe", "recipe_names", "validate"]
