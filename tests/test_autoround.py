@@ -153,9 +153,9 @@ def experts_setup():
 
 
 def observe(module, info, calls, recipe):
-    obs = ExpertsObserver(module, info, all_experts=False, hessian=recipe.needs_hessians,
-                          samples=recipe.autoround.max_rows if recipe.algorithm == "autoround" else 0,
-                          blend=recipe.blends_all_tokens)
+    samples = recipe.autoround.max_rows if recipe.algorithm == "autoround" else recipe.awq.max_rows if recipe.awq else 0
+    obs = ExpertsObserver(module, info, all_experts=False, hessian=recipe.needs_hessians, samples=samples,
+                          blend=recipe.blends_all_tokens, sample_all=recipe.awq is not None)
     with torch.no_grad():
         for c in calls:
             module(*c)
@@ -169,8 +169,9 @@ def recipe_for(algorithm, scheme="w4a16-g128", **sections):
 
 
 @torch.no_grad()
-def moe_error(result, module, info, calls, experts):
-    """Relative error of the named experts' outputs (sum over their routed rows) against float."""
+def moe_error(result, module, info, calls, experts, quant_act=False):
+    """Relative error of the named experts' outputs (sum over their routed rows) against float; the stored
+    smooth_scale multiplies the activations (here: the weight rows), `quant_act` rounds them per token."""
     from gmmquant.calibrate.autoround import expert_activation
     from gmmquant.pack.layouts import expert_weight
 
@@ -184,16 +185,23 @@ def moe_error(result, module, info, calls, experts):
             scale = proj.antiquant_scale if proj.scheme.weight_only else proj.weight_scale
             from gmmquant.pack.primitives import QuantizedWeight
             wq.append(QuantizedWeight(proj.qweight, scale, proj.antiquant_offset, proj.scheme).dequantize()[e])
+        smooth = [None if result.projections[p].smooth_scale is None else result.projections[p].smooth_scale[e].float()
+                  for p in info.projections]
+
+        def run(h, j, w):
+            if smooth[j] is not None:
+                h = h * smooth[j]
+            return (fake_quant_tokens(h) if quant_act else h) @ w
+
         for x, idx, _ in calls:
             rows = x[(idx == e).any(dim=-1)]
             f = act(rows @ wf[0]) @ wf[1]
-            q = act(rows @ wq[0]) @ wq[1]
+            q = run(act(run(rows, 0, wq[0])), 1, wq[1])
             num += float((q - f).pow(2).sum())
             den += float(f.pow(2).sum())
     return (num / den) ** 0.5
 
 
-@pytest.mark.slow
 def test_module_learned_rounding_beats_rtn_and_reports_the_expert_without_tokens(experts_setup):
     module, info, calls = experts_setup
     results = {}
@@ -229,6 +237,38 @@ def test_blended_hessian_helps_the_rarely_routed_expert(experts_setup):
             assert not any("[7]" in f for f in result.fallbacks)  # blended: no RTN fallback needed
         errors[blend] = moe_error(result, module, info, every, [6])
     assert errors[1.0] < errors[0.0], errors
+
+
+@pytest.mark.parametrize("name", ["w4a8-dynamic", "w4a8-dynamic-g128", "w8a8-dynamic"])
+def test_awq_search_starts_at_rtn_and_shrinks_outlier_error(name):
+    from gmmquant.calibrate.awq import awq_smooth_factor
+    from gmmquant.calibrate.observers import OBSERVERS
+
+    scheme = get_scheme(name)
+    x, w1, _ = outlier_expert(m=256)
+    s, err0, err = awq_smooth_factor(x, w1, scheme, torch.bfloat16, OBSERVERS["minmax"], grid=10)
+    dq = quantize_weight(w1.unsqueeze(0), scheme, torch.bfloat16).dequantize()[0].double()
+    rtn = float((fake_quant_tokens(x).double() @ dq - x.double() @ w1.double()).pow(2).mean())
+    assert err0 == pytest.approx(rtn, rel=1e-4)  # a = 0 is plain RTN with per-token activations
+    assert err < 0.5 * err0, (err, err0)  # the planted outliers move into the weights
+    assert s.shape == (128,) and bool((s > 0).all())
+    assert float(s[list(OUTLIERS)].min()) > float(s.median())  # the outlier channels get the largest factors
+
+
+def test_module_awq_per_expert_smooth_scales_beat_rtn(experts_setup):
+    module, info, calls = experts_setup
+    results = {}
+    for awq in (None, {"grid": 10, "max_rows": 512}):
+        recipe = recipe_for("rtn", scheme="w4a8-dynamic", **({"awq": awq} if awq else {}))
+        stats = observe(module, info, calls, recipe)
+        results[awq is not None] = quantize_experts(module, info, stats, recipe, torch.bfloat16, path="m")
+    smooth = results[True].projections["gate_up_proj"].smooth_scale
+    assert smooth is not None and smooth.shape == (8, 128)
+    assert torch.equal(smooth[7], torch.ones_like(smooth[7]))  # no tokens: no scaling (reported as a fallback)
+    assert "m[7].gate_up_proj" in results[True].fallbacks
+    for e in range(6):
+        awq_err = moe_error(results[True], module, info, calls, [e], quant_act=True)
+        assert awq_err < 0.9 * moe_error(results[False], module, info, calls, [e], quant_act=True), e
 
 
 def test_observer_samples_are_deterministic_and_bounded():
@@ -268,7 +308,6 @@ def outlier_model_dir(tmp_path_factory):
 FAST = {"num_samples": 4, "seq_len": 64, "batch_size": 4, "min_tokens": 16}
 
 
-@pytest.mark.slow
 def test_pipeline_autoround_beats_rtn_on_the_planted_outlier_model(outlier_model_dir, tmp_path):
     errors = {}
     for algorithm in ("rtn", "autoround"):
@@ -280,13 +319,16 @@ def test_pipeline_autoround_beats_rtn_on_the_planted_outlier_model(outlier_model
         assert ar < 0.95 * rtn, errors
 
 
-def test_streamed_calibration_refuses_autoround_and_blend(outlier_model_dir, tmp_path):
+def test_streamed_calibration_refuses_autoround_blend_and_awq(outlier_model_dir, tmp_path):
     with pytest.raises(RecipeError, match="algorithm: autoround is not supported by streamed calibration"):
         calibrate_model(outlier_model_dir, tmp_path / "a", load_recipe("w4a16-g128-autoround"), max_memory="1GB")
     blend = recipe_for("gptq", gptq={"blend_all_tokens": 1.0})
     with pytest.raises(RecipeError, match="gptq.blend_all_tokens: not supported by streamed calibration"):
         calibrate_model(outlier_model_dir, tmp_path / "b", blend, max_memory="1GB")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    awq = recipe_for("rtn", scheme="w4a8-dynamic", awq={"grid": 4})
+    with pytest.raises(RecipeError, match="awq: not supported by streamed calibration"):
+        calibrate_model(outlier_model_dir, tmp_path / "c", awq, max_memory="1GB")
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 @pytest.mark.parametrize("text,message", [
@@ -297,6 +339,11 @@ def test_streamed_calibration_refuses_autoround_and_blend(outlier_model_dir, tmp
     ("scheme: w4a16\nautoround: {itres: 3}\n", "autoround.itres: unknown key"),
     ("scheme: w4a16\ngptq: {blend_all_tokens: -1}\n", "gptq.blend_all_tokens: must be >= 0"),
     ("scheme: w8a8-dynamic\nalgorithm: autoround\nsmoothquant: {alpha: 0.5}\n", "autoround: learned rounding does not"),
+    ("scheme: w4a16-g128\nawq: {grid: 20}\n", "awq: needs per-token int8 activations"),
+    ("scheme: w8a8-static\nawq: {grid: 20}\n", "awq: needs per-token int8 activations"),
+    ("scheme: w4a8-dynamic\nawq: {grid: 0}\n", "awq.grid: must be > 0"),
+    ("scheme: w4a8-dynamic\nawq: {}\nsmoothquant: {alpha: 0.5}\n", "awq: does not combine with smoothquant"),
+    ("scheme: w4a8-dynamic\nalgorithm: autoround\nawq: {}\n", "awq: does not combine with algorithm: autoround"),
 ])
 def test_bad_autoround_settings_name_the_key(tmp_path, text, message):
     path = tmp_path / "r.yaml"

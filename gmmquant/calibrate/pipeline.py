@@ -263,7 +263,9 @@ def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, 
     ar = recipe.autoround
     observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
                                       hessian=recipe.needs_hessians, inputs=recipe.needs_activation_statistics,
-                                      samples=ar.max_rows if recipe.algorithm == "autoround" else 0,
+                                      samples=ar.max_rows if recipe.algorithm == "autoround" else
+                                      recipe.awq.max_rows if recipe.awq is not None else 0,
+                                      sample_all=recipe.awq is not None,
                                       seed=ar.seed + 7919 * index, blend=recipe.blends_all_tokens)
                  for rel, info in mine.items()}
     with _BlockOutputs(blocks) as float_run:

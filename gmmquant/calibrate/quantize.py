@@ -24,6 +24,7 @@ from ..pack.schemes import QuantScheme
 from ..recipes import Recipe
 from ..runtime.experts import GMMProjection
 from .autoround import autoround_module
+from .awq import awq_smooth_factor
 from .gptq import gptq_quantize
 from .observers import OBSERVERS
 from .smoothquant import smooth_scale_for, smoothing_factors
@@ -137,15 +138,20 @@ def quantize_experts(
         if learned is not None:  # learned rounding needs the first projection's rows for the whole expert
             fallback = [f or learned[proj][e] is None for e, f in enumerate(fallbacks_of(first))]
         result.seen[proj] = seen
-        per_expert_smooth = smooth is not None and not (proj == first and gate_up_folded)
+        per_expert_smooth = (smooth is not None and not (proj == first and gate_up_folded)) or recipe.awq is not None
         smooth_rows: list[Tensor] = []
         parts = []
         for e in range(info.num_experts):
             w = weights[e].detach().float()
             input_stats = stats.inputs[proj][e]
             if per_expert_smooth:
-                if fallback[e]:
+                if fallback[e] or (recipe.awq is not None and input_stats.samples is None):
                     s = torch.ones(w.shape[0], device=w.device)
+                elif recipe.awq is not None:
+                    s, err0, err = awq_smooth_factor(input_stats.samples.to(w.device), w, scheme, act_dtype,
+                                                     OBSERVERS[recipe.observer], grid=recipe.awq.grid)
+                    input_stats.samples = None
+                    logger.info("%s[%d].%s: awq output error %.4g -> %.4g", path, e, proj, err0, err)
                 else:
                     s = smoothing_factors(input_stats.absmax, w.abs().amax(dim=-1), smooth.alpha)
                 stored, factor = smooth_scale_for(s, act_dtype)

@@ -113,7 +113,7 @@ class ExpertsObserver:
     activation statistics, and the per-expert pass costs a matmul per expert)."""
 
     def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool, inputs: bool = True,
-                 samples: int = 0, seed: int = 0, blend: bool = False):
+                 samples: int = 0, seed: int = 0, blend: bool = False, sample_all: bool = False):
         if info.linear_names:
             raise ValueError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
@@ -122,7 +122,7 @@ class ExpertsObserver:
         e = info.num_experts
         first = next(iter(info.projections))
         self.stats = ExpertsStats(e, torch.zeros(e, dtype=torch.int64),
-                                  {p: [InputStats(want_hessian=hessian, max_samples=samples if p == first else 0,
+                                  {p: [InputStats(want_hessian=hessian, max_samples=samples if p == first or sample_all else 0,
                                                   seed=seed + i) for i in range(e)] for p in info.projections})
         if self.blend:
             # the first projection sees the same rows in every expert: one shared all-token Hessian

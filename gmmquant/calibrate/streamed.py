@@ -250,6 +250,10 @@ def check_streamed_recipe(recipe: Recipe) -> None:
                           "sources, or a max_memory budget) (rule: learned rounding needs each expert's sampled routed "
                           "rows, which the streamed path does not keep); use algorithm: gptq, or a bf16 source without "
                           "max_memory")
+    if recipe.awq is not None:
+        raise RecipeError("awq: not supported by streamed calibration (rule: the scale search needs each expert's "
+                          "sampled rows, which the streamed path does not keep); drop the awq section, or calibrate a "
+                          "bf16 source without max_memory")
     if recipe.gptq.blend_all_tokens > 0 and recipe.needs_hessians:
         raise RecipeError("gptq.blend_all_tokens: not supported by streamed calibration (rule: the blended Hessian "
                           "needs every token's Hessian per expert, which the streamed path does not collect); set it to "

@@ -84,6 +84,16 @@ class SmoothQuantSettings:
 
 
 @dataclass(frozen=True)
+class AWQSettings:
+    """Activation-aware scale search per expert and projection (calibrate/awq.py): `s = mean|x|^a`, a on a
+    grid of `grid` points in [0, 1), weights' rows x s, activations / s through the per-expert `smooth_scale`
+    (dynamic per-token activations only). `max_rows` sampled rows per expert decide."""
+
+    grid: int = 20
+    max_rows: int = 1024
+
+
+@dataclass(frozen=True)
 class CalibrationSettings:
     """Calibration data and per-expert coverage.
 
@@ -121,6 +131,7 @@ class Recipe:
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     autoround: AutoRoundSettings = field(default_factory=AutoRoundSettings)
     smoothquant: Optional[SmoothQuantSettings] = None
+    awq: Optional[AWQSettings] = None
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
@@ -134,7 +145,7 @@ class Recipe:
     def needs_activation_statistics(self) -> bool:
         """Whether quantizing needs the experts' input statistics (GPTQ Hessians, SmoothQuant or static
         activation ranges); weight-only and dynamic RTN need only the weights."""
-        return self.algorithm != "rtn" or self.smoothquant is not None or self.quant_scheme().activation == "static"
+        return self.algorithm != "rtn" or self.smoothquant is not None or self.awq is not None or self.quant_scheme().activation == "static"
 
     @property
     def needs_hessians(self) -> bool:
@@ -236,6 +247,20 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"autoround.init: must be one of {AUTOROUND_INITS}, got {a.init!r}")
     if not 0.0 < a.min_clip <= 1.0:
         raise RecipeError(f"autoround.min_clip: must be in (0, 1], got {a.min_clip}")
+    if recipe.awq is not None:
+        if scheme.activation != "dynamic":
+            raise RecipeError(f"awq: needs per-token int8 activations (a w8a8-/w4a8-dynamic scheme), whose per-expert "
+                              f"smooth_scale carries the activations' 1/s; scheme {recipe.scheme!r} has "
+                              + ("no activation scale in the kernel (weight-only)" if scheme.weight_only
+                                 else "static per-tensor activation scales"))
+        if recipe.smoothquant is not None:
+            raise RecipeError("awq: does not combine with smoothquant (rule: both set the per-expert smooth_scale); "
+                              "keep one of the two sections")
+        if recipe.algorithm == "autoround":
+            raise RecipeError("awq: does not combine with algorithm: autoround (rule: the rounding is learned on "
+                              "the unscaled expert); use algorithm: rtn or gptq with awq")
+        _positive("awq.grid", recipe.awq.grid)
+        _positive("awq.max_rows", recipe.awq.max_rows)
     if recipe.algorithm == "autoround" and recipe.smoothquant is not None:
         raise RecipeError("autoround: learned rounding does not combine with smoothquant (rule: the rounding is "
                           "learned on the unsmoothed expert); drop the smoothquant section or use algorithm: gptq")
@@ -331,5 +356,5 @@ def _recipe_text(name_or_path: "str | Path") -> tuple[str, str]:
     return shipped.read_text(), f"{name_or_path}.yaml"
 
 
-__all__ = ["AutoRoundSettings", "CalibrationSettings", "DEFAULT_RECIPE", "GPTQSettings", "Recipe", "RecipeError", "SmoothQuantSettings",
+__all__ = ["AWQSettings", "AutoRoundSettings", "CalibrationSettings", "DEFAULT_RECIPE", "GPTQSettings", "Recipe", "RecipeError", "SmoothQuantSettings",
            "load_recipe", "parse_recipe", "recipe_names", "validate"]
