@@ -336,6 +336,7 @@ def autoround_module(module, info, stats, recipe, act_dtype: torch.dtype, fallba
                     stats.inputs[p][e].hessian = None
                 layers.append(ARLayer(base, b))
                 target.append(w)
+            stats.inputs[chain[0]][e].samples = None  # freed with this expert
             x = sample_rows(x.to(weights[chain[0]].device), s.max_rows, s.seed)
             result = autoround_expert(x, layers, act if len(chain) > 1 else None, scheme, act_dtype, target=target,
                                       iters=s.iters, lr=s.lr, min_clip=s.min_clip, learn_clip=s.learn_clip,

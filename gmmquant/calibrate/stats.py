@@ -42,7 +42,7 @@ class InputStats:
     want_hessian: bool = False
     max_samples: int = 0  # rows to keep for learned rounding (0: none)
     seed: int = 0
-    samples: Optional[Tensor] = None  # [<= max_samples, K] float32, in arrival order
+    samples: Optional[Tensor] = None  # [<= max_samples, K] in the inputs' dtype, in arrival order
     _keys: Optional[Tensor] = None
     _gen: Optional[torch.Generator] = None
 
@@ -56,15 +56,16 @@ class InputStats:
         if self.want_hessian:
             self.hessian, _ = accumulate_hessian(self.hessian, xf, self.rows)
         if self.max_samples:
-            self._sample(xf)
+            self._sample(x.detach())
         self.rows += x.shape[0]
 
-    def _sample(self, xf: Tensor) -> None:
-        """Keep the `max_samples` rows with the smallest seeded random keys (uniform over the stream)."""
+    def _sample(self, x: Tensor) -> None:
+        """Keep the `max_samples` rows with the smallest seeded random keys (uniform over the stream), in
+        the inputs' own dtype (bf16 models: half the memory of float32)."""
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
-        keys = torch.rand(xf.shape[0], generator=self._gen)
-        rows = xf.cpu()
+        keys = torch.rand(x.shape[0], generator=self._gen)
+        rows = x.cpu()
         if self.samples is not None:
             keys, rows = torch.cat([self._keys, keys]), torch.cat([self.samples, rows])
         if keys.shape[0] > self.max_samples:
