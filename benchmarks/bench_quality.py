@@ -180,7 +180,7 @@ def run_model(name: str, args, recipes: list[str], peers: dict, results: Results
             peer_dir.mkdir(parents=True, exist_ok=True)
             out = peer_dir / f"{variant.tool}-{'asym' if variant.asym else 'sym'}.safetensors"
             try:
-                meta = ql.cached_peer(out, ids) if args.peer_cache else None
+                meta = ql.cached_peer(out, ids) if args.peer_cache and variant.peer in args.reuse_peers else None
                 if meta is not None:
                     meta["reused"] = True
                     log(f"{name} seed {seed} {variant.label}: reusing {out} (same ids; made {meta.get('made')})")
@@ -293,6 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the gmmquant checkpoints in the workdir")
     p.add_argument("--peer-cache", type=Path, default=None,
                    help="keep peer weights here and reuse those made from the same ids (marked 'reused')")
+    p.add_argument("--reuse-peers", nargs="*", default=list(ql.PEER_ENV), metavar="PEER",
+                   help="with --peer-cache: the peers whose cached weights may be reused (default all)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
