@@ -16,6 +16,14 @@ Defaults (the shipped asset): 4 layers, hidden 128, 8 experts top-2, moe_interme
 (2 kv heads), vocab 4096, tied embeddings; 1500 steps of 8 x 256 tokens, lr 3e-3, seed 0, 1 thread.
 On the shared 2-core VM this took 1061 s of training (~0.7 s/step when the other core is busy elsewhere);
 held-out perplexity 32.27 vs 793.95 for the unigram baseline.
+
+`--preset hard` (the harder quality benchmark, gmmquant/assets/tiny-moe-hard, builtin name "builtin-hard"):
+
+    python tools/train_tiny_moe.py --preset hard --out gmmquant/assets/tiny-moe-hard
+
+hidden 256, 16 experts of 128 top-4, 4 heads x 64 (2 kv heads), 1200 steps, the same corpus, tokenizer
+recipe and seed; then `plant_outliers` gives every MoE input 4 outlier channels (20-50x, function-preserving)
+before the bf16 save. Training time, perplexity and outlier statistics: README, "Quality on the built-in models".
 """
 
 from __future__ import annotations
@@ -157,8 +165,23 @@ def unigram_perplexity(train_ids: torch.Tensor, eval_windows: list[list[int]], v
     return math.exp(-float(logp[targets].mean()))
 
 
+# Named configurations; `--preset NAME` sets these defaults, explicit flags still override them.
+# "tiny" is the shipped gmmquant/assets/tiny-moe. "hard" is the harder quality benchmark (builtin name
+# "hard"): hidden 256, 16 finer experts (128 wide, top-4) and planted activation outliers on the MoE inputs.
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "hard": {
+        "hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 16, "top_k": 4,
+        "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "steps": 1200,
+        "outlier_channels": 4, "outlier_scale_min": 20.0, "outlier_scale_max": 50.0,
+    },
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="named configuration (defaults below are 'tiny'; explicit flags override the preset)")
     p.add_argument("--out", type=Path, required=True, help="output dir (model + tokenizer)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
@@ -184,10 +207,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts-implementation", default="grouped_mm", help="transformers experts kernel for training")
     p.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--eval-max-windows", type=int, default=None, help="held-out windows to score (None: all)")
+    p.add_argument("--outlier-channels", type=int, default=0,
+                   help="after training, plant this many outlier channels per MoE input (see plant_outliers; 0: none)")
+    p.add_argument("--outlier-scale-min", type=float, default=20.0)
+    p.add_argument("--outlier-scale-max", type=float, default=50.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--monitor-every", type=int, default=200,
                    help="log the held-out perplexity of the first 32 windows every N steps (monitoring only; 0: off)")
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[pre.preset])
     return p.parse_args(argv)
+
+
+@torch.no_grad()
+def plant_outliers(model, channels: int, scale_min: float, scale_max: float, seed: int) -> list[dict]:
+    """Give the MoE inputs the activation outliers of trained LLMs without changing the model's function.
+
+    Small models trained briefly do not grow the few huge input channels that large LLMs have, and those
+    channels are what make low-bit weight quantization hard (a weight row that multiplies a 30x activation
+    matters 30x more). Per MoE layer, `channels` channels c of the post-attention RMSNorm weight are
+    multiplied by s (log-uniform in [scale_min, scale_max]) and column c of the router and of every expert's
+    gate/up projection is divided by s: exact in real arithmetic, so the float model is unchanged up to
+    rounding (call this in float32, before casting). Channels and factors come from `seed`.
+
+    Returns: per layer, the channels and factors planted.
+    """
+    gen = torch.Generator().manual_seed(seed + 1000)
+    planted = []
+    for i, layer in enumerate(model.model.layers):
+        hidden = layer.post_attention_layernorm.weight.numel()
+        idx = torch.randperm(hidden, generator=gen)[:channels].sort().values
+        logs = torch.rand(channels, generator=gen, dtype=torch.float64)
+        factors = torch.exp(math.log(scale_min) + logs * (math.log(scale_max) - math.log(scale_min)))
+        f = factors.to(torch.float32)
+        layer.post_attention_layernorm.weight[idx] *= f
+        layer.mlp.gate.weight[:, idx] /= f
+        layer.mlp.experts.gate_up_proj[:, :, idx] /= f
+        planted.append({"layer": i, "channels": idx.tolist(), "factors": [round(float(x), 3) for x in factors]})
+    return planted
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,6 +339,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"step {step:5d}  held-out perplexity (32 windows, monitoring only) {mon:.2f}", flush=True)
     train_time = time.time() - t_train
 
+    planted = []
+    if args.outlier_channels:
+        model.eval()
+        probe = torch.tensor([train_ids[: args.seq_len].tolist()])
+        before = model(input_ids=probe).logits
+        planted = plant_outliers(model, args.outlier_channels, args.outlier_scale_min, args.outlier_scale_max, args.seed)
+        drift = (model(input_ids=probe).logits - before).abs().max().item()
+        print(f"planted outliers {json.dumps(planted)}; max logit change (float32) {drift:.2e}", flush=True)
+
     # save in bf16
     model.to(torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_tokens": sum(len(w) - 1 for w in eval_windows),
         "dir_bytes": size,
         "expert_load": load,
+        "outliers": planted,
     }
     print(f"train time {train_time:.0f}s; final train loss (mean of last 50 steps) {final_loss:.4f}", flush=True)
     print(f"held-out perplexity (saved bf16 model, {result['heldout_tokens']} tokens): {ppl:.3f}", flush=True)
