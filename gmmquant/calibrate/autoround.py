@@ -177,6 +177,8 @@ def autoround_expert(
     learn_clip: bool = True,
     quant_act: bool = False,
     batch_rows: int = 0,
+    row_weights: Optional[Tensor] = None,
+    target_inputs: Optional[Tensor] = None,
 ) -> AutoRoundResult:
     """Learn rounding and clipping of one expert's projections together.
 
@@ -193,6 +195,11 @@ def autoround_expert(
         quant_act: fake-quantize each projection's input per token int8 (W4A8 / W8A8 dynamic).
         batch_rows: rows per step (0 = all): step t uses the t-th slice of x, cycling (cost per step
             scales with the rows; the best parameters are picked by the loss of their step's rows).
+        row_weights: optional `[M]` non-negative weights c of the rows: the loss is then the c-weighted mean
+            of the rows' squared errors (router-weighted calibration passes c = p^2, p the router weight).
+        target_inputs: optional `[M, K0]` inputs of the reference: the same tokens in the float model
+            (float-stream targets). The quantized expert on `x` then learns to give the float model's
+            output, absorbing the error earlier quantized layers left in its inputs. Default: `x`.
 
     Returns:
         AutoRoundResult; the kept parameters are never worse on all of x than the start (RTN of the base
@@ -204,10 +211,16 @@ def autoround_expert(
         raise ValueError("autoround_expert: several projections need the activation between them")
     lr = 1.0 / max(iters, 1) if lr is None else lr
     x = x.float()
+    if row_weights is not None:
+        row_weights = row_weights.float().reshape(-1).to(x.device)
+        if row_weights.shape[0] != x.shape[0] or bool((row_weights < 0).any()) or float(row_weights.sum()) <= 0:
+            raise ValueError(f"autoround_expert: row_weights must be [{x.shape[0]}], non-negative, not all zero")
     gs = scheme.group_size
     ref_w = [t.float() for t in target] if target is not None else [layer.w for layer in layers]
-    with torch.no_grad():
-        ref = _forward(x, layers, ref_w, act, False)  # the float expert (activations unquantized)
+    if target_inputs is not None and target_inputs.shape != x.shape:
+        raise ValueError(f"autoround_expert: target_inputs must match x {list(x.shape)}, got {list(target_inputs.shape)}")
+    with torch.no_grad():  # the float expert (activations unquantized), on the float stream's rows if given
+        ref = _forward(x if target_inputs is None else target_inputs.float().to(x.device), layers, ref_w, act, False)
     ranges = [_base_range(layer.w, gs) for layer in layers]
     vs = [torch.zeros_like(layer.w, requires_grad=True) for layer in layers]
     alphas = [torch.ones_like(r[0], requires_grad=learn_clip) for r in ranges]
@@ -217,17 +230,23 @@ def autoround_expert(
     rows = m if batch_rows <= 0 else min(batch_rows, m)
     starts = list(range(0, m - rows + 1, rows)) or [0]
 
-    def loss_of(state: list[Tensor], xb: Tensor, refb: Tensor) -> Tensor:
+    def loss_of(state: list[Tensor], xb: Tensor, refb: Tensor, cb: Optional[Tensor]) -> Tensor:
         n = len(layers)
         weights = [_fake_quant(layer.w, v, a, b, lo, hi, scheme, act_dtype)
                    for layer, v, a, b, (lo, hi) in zip(layers, state[:n], state[n : 2 * n], state[2 * n :], ranges)]
-        return (_forward(xb, layers, weights, act, quant_act) - refb).pow(2).mean()
+        err = (_forward(xb, layers, weights, act, quant_act) - refb).pow(2)
+        if cb is None:
+            return err.mean()
+        return (err.mean(dim=-1) * cb).sum() / cb.sum().clamp_min(1e-30)
+
+    def weights_of(s0: int, count: int) -> Optional[Tensor]:
+        return None if row_weights is None else row_weights[s0 : s0 + count]
 
     start_state = [p.detach().clone() for p in vs + alphas + betas]
     best, best_value = start_state, float("inf")
     for step in range(iters + 1):  # step `iters` only evaluates the last update
         s0 = starts[step % len(starts)]
-        loss = loss_of(vs + alphas + betas, x[s0 : s0 + rows], ref[s0 : s0 + rows])
+        loss = loss_of(vs + alphas + betas, x[s0 : s0 + rows], ref[s0 : s0 + rows], weights_of(s0, rows))
         value = float(loss.detach())
         if value < best_value:  # strict: ties keep the earlier (RTN first) parameters
             best_value, best = value, [p.detach().clone() for p in vs + alphas + betas]
@@ -244,8 +263,8 @@ def autoround_expert(
                 for p in alphas + betas:
                     p.clamp_(min_clip, 1.0)
     with torch.no_grad():  # judge on every row: a minibatch's best may not be the best overall
-        loss_start = float(loss_of(start_state, x, ref))
-        loss_best = float(loss_of(best, x, ref)) if best is not start_state else loss_start
+        loss_start = float(loss_of(start_state, x, ref, row_weights))
+        loss_best = float(loss_of(best, x, ref, row_weights)) if best is not start_state else loss_start
     if loss_best > loss_start:
         best, loss_best = start_state, loss_start
     n = len(layers)
@@ -256,11 +275,14 @@ def autoround_expert(
 
 def sample_rows(x: Tensor, max_rows: int, seed: int) -> Tensor:
     """At most `max_rows` rows of `[M, K]` x, chosen by a seeded generator (deterministic), in order."""
-    if x.shape[0] <= max_rows:
-        return x
+    return x[_sample_index(x.shape[0], max_rows, seed, x.device)]
+
+
+def _sample_index(m: int, max_rows: int, seed: int, device) -> Tensor:
+    if m <= max_rows:
+        return torch.arange(m, device=device)
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(x.shape[0], generator=gen)[:max_rows].sort().values
-    return x[keep.to(x.device)]
+    return torch.randperm(m, generator=gen)[:max_rows].sort().values.to(device)
 
 
 
@@ -336,11 +358,18 @@ def autoround_module(module, info, stats, recipe, act_dtype: torch.dtype, fallba
                     stats.inputs[p][e].hessian = None
                 layers.append(ARLayer(base, b))
                 target.append(w)
-            stats.inputs[chain[0]][e].samples = None  # freed with this expert
-            x = sample_rows(x.to(weights[chain[0]].device), s.max_rows, s.seed)
+            st = stats.inputs[chain[0]][e]
+            p, twin = st.sample_weights, st.sample_targets  # router weights, float-stream rows (if collected)
+            st.samples = st.sample_weights = st.sample_targets = None  # freed with this expert
+            keep = _sample_index(x.shape[0], s.max_rows, s.seed, weights[chain[0]].device)
+            x = x.to(weights[chain[0]].device)[keep]
+            twin = None if twin is None else twin.to(keep.device)[keep]
+            c = None if p is None else p.to(keep.device)[keep].pow(2)
+            if c is not None and float(c.sum()) <= 0:
+                c = None  # every kept token had router weight 0: nothing to weigh by, fit them equally
             result = autoround_expert(x, layers, act if len(chain) > 1 else None, scheme, act_dtype, target=target,
                                       iters=s.iters, lr=s.lr, min_clip=s.min_clip, learn_clip=s.learn_clip,
-                                      quant_act=quant_act, batch_rows=s.batch_rows)
+                                      quant_act=quant_act, batch_rows=s.batch_rows, row_weights=c, target_inputs=twin)
             logger.info("%s[%d] %s: learned rounding loss %.4g -> %.4g", path, e, "+".join(chain), result.loss_start,
                         result.loss_best)
             for p, qw in zip(chain, result.quantized):

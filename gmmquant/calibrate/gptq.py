@@ -42,17 +42,19 @@ _CHOLESKY_RETRIES = 3
 _RETRY_DAMP_FLOOR = 1e-3
 
 
-def accumulate_hessian(h: Optional[Tensor], x: Tensor, n_seen: int) -> tuple[Tensor, int]:
+def accumulate_hessian(h: Optional[Tensor], x: Tensor, n_seen: float, weights: Optional[Tensor] = None) -> tuple[Tensor, float]:
     """Fold a batch of inputs into the running mean `H = 2 X^T X / n` (GPTQ's Hessian of ||X w - X w_hat||^2).
 
     Args:
         h: `[K, K]` float32 running Hessian, or None before the first batch.
         x: `[M, K]` inputs of one expert (any float dtype; leading dims are flattened, `[..., K]`). M may be 0.
-        n_seen: rows folded into `h` so far (0 when h is None).
+        n_seen: rows folded into `h` so far (0 when h is None); with `weights`, their running sum.
+        weights: optional `[M]` non-negative row weights c_i: then H = 2 sum c_i x_i x_i^T / sum c_i, the
+            Hessian of the c-weighted squared error (router-weighted calibration passes c = p^2).
 
     Returns:
-        (`[K, K]` float32 Hessian over all n_seen + M rows, n_seen + M). An empty batch returns h unchanged
-        (a zero `[K, K]` tensor if h was None). The input h is not modified.
+        (`[K, K]` float32 Hessian over all n_seen + M rows, n_seen + M, or n_seen + sum(weights)). An empty
+        batch returns h unchanged (a zero `[K, K]` tensor if h was None). The input h is not modified.
     """
     k = x.shape[-1]
     x = x.reshape(-1, k)
@@ -65,10 +67,19 @@ def accumulate_hessian(h: Optional[Tensor], x: Tensor, n_seen: int) -> tuple[Ten
     m = x.shape[0]
     if m == 0:
         return h, n_seen
-    total = n_seen + m
-    # Running mean: rescale the old mean, add the new rows pre-scaled by sqrt(2 / total) so that the sum
-    # is formed in one matmul without ever holding the (large) un-normalised sum.
-    xs = x.float() * math.sqrt(2.0 / total)
+    if weights is None:
+        total = n_seen + m
+        # Running mean: rescale the old mean, add the new rows pre-scaled by sqrt(2 / total) so that the sum
+        # is formed in one matmul without ever holding the (large) un-normalised sum.
+        xs = x.float() * math.sqrt(2.0 / total)
+    else:
+        c = weights.reshape(-1).float().to(x.device)
+        if c.shape[0] != m or bool((c < 0).any()):
+            raise ValueError(f"accumulate_hessian: weights must be [{m}] and non-negative, got {list(c.shape)}")
+        total = n_seen + float(c.sum())
+        if total <= 0:
+            return h, n_seen
+        xs = x.float() * (2.0 * c / total).sqrt().unsqueeze(1)
     return h.float() * (n_seen / total) + xs.t() @ xs, total
 
 

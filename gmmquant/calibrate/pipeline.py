@@ -50,7 +50,7 @@ from .devices import check_devices
 from .families import TOWER_WORDS, calibration_model_class, check_one_stack
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
-from .stats import ExpertsObserver, ExpertsStats
+from .stats import ExpertsInputRecorder, ExpertsObserver, ExpertsStats
 from .streamed import StreamPlan, calibrate_streamed, check_streamed_recipe
 
 logger = logging.getLogger(__name__)
@@ -254,19 +254,34 @@ class _BlockOutputs:
 
 
 def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, ExpertsModuleInfo], inputs: LayerInputs,
-                     recipe: Recipe, act: torch.dtype) -> tuple[dict[str, ModuleResult], LayerReport, list[Tensor], dict[str, Tensor]]:
+                     recipe: Recipe, act: torch.dtype, float_inputs: Optional[LayerInputs] = None
+                     ) -> tuple[dict[str, ModuleResult], LayerReport, list[Tensor], dict[str, Tensor], Optional[list[Tensor]]]:
     """Observe, (smooth,) quantize and re-run one decoder layer; see the module docstring, steps 2-5.
 
-    Returns the quantized modules by relative path, the layer's report, the next layer's inputs, and the
-    non-expert parameters SmoothQuant changed (name in the layer -> tensor)."""
+    `float_inputs` (learned rounding with float-stream targets): the same batches as the float model feeds
+    this layer; the float layer runs on them first and its experts' input rows become the targets' inputs.
+
+    Returns the quantized modules by relative path, the layer's report, the next layer's inputs, the
+    non-expert parameters SmoothQuant changed (name in the layer -> tensor), and the float stream's next
+    inputs (None without `float_inputs`)."""
     blocks = {rel: layer.get_submodule(rel.rsplit(".", 1)[0]) if "." in rel else layer for rel in mine}
+    float_rows: dict[str, list[Tensor]] = {}
+    next_float = None
+    if float_inputs is not None:
+        recorders = {rel: ExpertsInputRecorder(layer.get_submodule(rel), info) for rel, info in mine.items()}
+        try:
+            next_float = float_inputs.run(layer)
+        finally:
+            float_rows = {rel: r.remove() for rel, r in recorders.items()}
     ar = recipe.autoround
     observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
                                       hessian=recipe.needs_hessians, inputs=recipe.needs_activation_statistics,
                                       samples=ar.max_rows if recipe.algorithm == "autoround" else
                                       recipe.awq.max_rows if recipe.awq is not None else 0,
                                       sample_all=recipe.awq is not None,
-                                      seed=ar.seed + 7919 * index, blend=recipe.blends_all_tokens)
+                                      seed=ar.seed + 7919 * index, blend=recipe.blends_all_tokens,
+                                      router_weighted=recipe.calibration.router_weighted and recipe.needs_activation_statistics,
+                                      float_rows=float_rows.get(rel))
                  for rel, info in mine.items()}
     with _BlockOutputs(blocks) as float_run:
         inputs.run(layer)
@@ -309,7 +324,7 @@ def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, 
         report.smoothing = result.smoothing
     report.weight_error = sum(errors) / len(errors)
     report.output_error = _relative_error([pair for rel in mine for pair in zip(quant_run.outputs[rel], float_run.outputs[rel])])
-    return results, report, next_hidden, changed
+    return results, report, next_hidden, changed, next_float
 
 
 def calibrate_model(
@@ -414,6 +429,9 @@ def calibrate_model(
         # Capture pass: every layer's call arguments, for every batch; layer 0's hidden states.
         calls = capture_layer_calls(model_obj, layers, batches, device, logits_to_keep=1)
         hidden = [c[0].cpu() for c in calls[0]]
+        # learned rounding against the float model's own stream (autoround.float_targets): a second copy of the
+        # hidden states that only ever passes through float layers
+        float_hidden = list(hidden) if recipe.algorithm == "autoround" and recipe.autoround.float_targets else None
 
         specs = {p: ExpertsSpec(p, scheme, info.num_experts, dict(info.projections), act, info.has_bias,
                                 post_expert_norm=info.post_expert_norm) for p, info in targets.items()}
@@ -425,7 +443,7 @@ def calibrate_model(
                  for suffix in ("", "_bias")} | {f"{p}.{n}" for p, info in targets.items() for n in info.stack or ()}
 
         def layer_tensors() -> Iterator[tuple[str, Tensor]]:
-            nonlocal hidden
+            nonlocal hidden, float_hidden
             indices = range(num_layers)
             for i in (progress(indices, "layers", num_layers) if progress else indices):
                 prefix = f"{layers_path}.{i}"
@@ -433,11 +451,15 @@ def calibrate_model(
                 _materialize(layer, device)
                 mine = {p[len(prefix) + 1:]: info for p, info in targets.items() if p.startswith(prefix + ".")}
                 inputs = LayerInputs(hidden, [(a, k) for _, a, k in calls[i]], device)
+                float_inputs = None if float_hidden is None else LayerInputs(float_hidden, inputs.args_kwargs, device)
                 if not mine:  # a dense layer, or experts the recipe ignores: just carry the activations on
                     hidden = inputs.run(layer)
+                    if float_inputs is not None:
+                        float_hidden = float_inputs.run(layer)
                     layers[i] = nn.Module()
                     continue
-                results, layer_report, hidden, changed = _calibrate_layer(layer, i, prefix, mine, inputs, recipe, act)
+                results, layer_report, hidden, changed, float_hidden = _calibrate_layer(
+                    layer, i, prefix, mine, inputs, recipe, act, float_inputs)
                 overrides.update({f"{prefix}.{name}": t for name, t in changed.items()})
                 report.layers.append(layer_report)
                 if on_layer is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pack.layouts import ExpertsModuleInfo, expert_weight
-from ..runtime.adapters import routed_rows
+from ..runtime.adapters import routed_rows, routed_weights
 from ..runtime.experts import gate_function
 from .gptq import accumulate_hessian
 
@@ -33,7 +33,12 @@ class InputStats:
     Attributes:
         rows: rows seen.
         absmax: `[K]` float32 per-channel max |x| (None before the first row).
-        hessian: `[K, K]` float32 running `2 X^T X / rows` (only when collected for GPTQ).
+        hessian: `[K, K]` float32 running `2 X^T X / rows` (only when collected for GPTQ); with router
+            weights p, `2 sum p^2 x x^T / sum p^2`.
+        samples, sample_weights: the kept rows for learned rounding and, when router weights were given,
+            their `[S]` float32 router weights p.
+        sample_targets: with float-stream targets, the same tokens' rows in the float model (the input this
+            expert would get had no earlier layer been quantized), aligned with `samples`.
     """
 
     rows: int = 0
@@ -43,35 +48,53 @@ class InputStats:
     max_samples: int = 0  # rows to keep for learned rounding (0: none)
     seed: int = 0
     samples: Optional[Tensor] = None  # [<= max_samples, K] in the inputs' dtype, in arrival order
+    sample_weights: Optional[Tensor] = None  # [<= max_samples] float32 router weights of the samples
+    sample_targets: Optional[Tensor] = None  # [<= max_samples, K] float-stream rows of the same tokens
+    hessian_weight: float = 0.0  # running sum of the Hessian's row weights (rows when unweighted)
     _keys: Optional[Tensor] = None
     _gen: Optional[torch.Generator] = None
 
-    def add(self, x: Tensor) -> None:
-        """Add rows `[M, K]` (any float dtype)."""
+    def add(self, x: Tensor, weight: Optional[Tensor] = None, target: Optional[Tensor] = None) -> None:
+        """Add rows `[M, K]` (any float dtype), optionally with their `[M]` router weights p: the Hessian then
+        weighs each row by p^2 (its share of the MoE block's squared output error) and the samples keep p.
+        The per-channel max stays unweighted (it bounds the activations the kernel will see). `target`
+        `[M, K]`: the float model's rows of the same tokens, sampled alongside (float-stream targets)."""
         if x.shape[0] == 0:
             return
         xf = x.detach().float()
         amax = xf.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         if self.want_hessian:
-            self.hessian, _ = accumulate_hessian(self.hessian, xf, self.rows)
+            c = None if weight is None else weight.float().pow(2)
+            self.hessian, self.hessian_weight = accumulate_hessian(self.hessian, xf, self.hessian_weight, c)
         if self.max_samples:
-            self._sample(x.detach())
+            self._sample(x.detach(), None if weight is None else weight.detach().float().cpu(),
+                         None if target is None else target.detach().cpu())
         self.rows += x.shape[0]
 
-    def _sample(self, x: Tensor) -> None:
+    def _sample(self, x: Tensor, weight: Optional[Tensor] = None, target: Optional[Tensor] = None) -> None:
         """Keep the `max_samples` rows with the smallest seeded random keys (uniform over the stream), in
         the inputs' own dtype (bf16 models: half the memory of float32)."""
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
         keys = torch.rand(x.shape[0], generator=self._gen)
         rows = x.cpu()
+        weights, targets = weight, target
+        if self.samples is not None and ((weight is None) != (self.sample_weights is None)
+                                         or (target is None) != (self.sample_targets is None)):
+            raise ValueError("InputStats: rows with and without router weights / float targets cannot be mixed")
         if self.samples is not None:
             keys, rows = torch.cat([self._keys, keys]), torch.cat([self.samples, rows])
+            if weight is not None:
+                weights = torch.cat([self.sample_weights, weight])
+            if target is not None:
+                targets = torch.cat([self.sample_targets, target])
         if keys.shape[0] > self.max_samples:
             keep = torch.topk(keys, self.max_samples, largest=False).indices.sort().values  # arrival order
             keys, rows = keys[keep], rows[keep]
-        self._keys, self.samples = keys, rows
+            weights = None if weights is None else weights[keep]
+            targets = None if targets is None else targets[keep]
+        self._keys, self.samples, self.sample_weights, self.sample_targets = keys, rows, weights, targets
 
 
 @dataclass
@@ -111,13 +134,23 @@ class ExpertsObserver:
     """Collects `ExpertsStats` for one fused experts module while the model runs; `remove()` unhooks it.
 
     With `inputs=False` only the routed token counts are kept (round-to-nearest of weights needs no
-    activation statistics, and the per-expert pass costs a matmul per expert)."""
+    activation statistics, and the per-expert pass costs a matmul per expert). With `router_weighted`, each
+    routed row's Hessian share and learned-rounding loss count with its router weight squared: the expert's
+    error on a token enters the MoE block's output multiplied by that weight."""
 
     def __init__(self, module: nn.Module, info: ExpertsModuleInfo, *, all_experts: bool, hessian: bool, inputs: bool = True,
-                 samples: int = 0, seed: int = 0, blend: bool = False, sample_all: bool = False):
+                 samples: int = 0, seed: int = 0, blend: bool = False, sample_all: bool = False,
+                 router_weighted: bool = False, float_rows: Optional[list[Tensor]] = None):
         if info.linear_names:
             raise ValueError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
+        if router_weighted and (all_experts or info.call not in ("routed", "routed+identity")):
+            raise ValueError(f"{info.path}: calibration.router_weighted needs routed calibration (all_experts: false) "
+                             f"and experts called with their router weights (forward(hidden, top_k_index, top_k_weights)); "
+                             f"this module's call convention is {info.call!r}")
+        self.router_weighted = router_weighted
+        # float-stream targets: the module's input rows of the same calls in the float model (ExpertsInputRecorder)
+        self.float_rows, self._calls = float_rows, 0
         self.info, self.all_experts, self.inputs = info, all_experts, inputs
         self.blend = blend and hessian and not all_experts  # with all_experts the own Hessian is already H_all
         e = info.num_experts
@@ -143,19 +176,50 @@ class ExpertsObserver:
         first = next(iter(self.info.projections))  # gate_up / up (or a lone projection's own)
         if self.blend:
             self.stats.all_inputs[first][0].add(hidden)
+        router = routed_weights(self.info, args, kwargs) if self.router_weighted else None
+        twin = None
+        if self.float_rows is not None:
+            if self._calls >= len(self.float_rows) or self.float_rows[self._calls].shape != hidden.shape:
+                raise RuntimeError(f"{self.info.path}: call {self._calls} does not pair with the float model's calls "
+                                   f"({len(self.float_rows)} recorded); both streams must run the same batches")
+            twin = self.float_rows[self._calls].to(hidden.device)
+            self._calls += 1
         for e in range(e_count):
             if self.blend and first != "down_proj" and "down_proj" in self.info.projections:
                 self.stats.all_inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, hidden))
-            x = hidden if self.all_experts else hidden[(index == e).any(dim=-1)]
+            picked = index == e
+            rows = picked.any(dim=-1)
+            x = hidden if self.all_experts else hidden[rows]
             if x.shape[0] == 0:
                 continue
-            self.stats.inputs[first][e].add(x)
+            p = None if router is None else (router * picked).sum(dim=-1)[rows]
+            target = None if twin is None else twin if self.all_experts else twin[rows]
+            self.stats.inputs[first][e].add(x, p, target)
             if first != "down_proj" and "down_proj" in self.info.projections:
-                self.stats.inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, x))
+                self.stats.inputs["down_proj"][e].add(expert_intermediate(module, self.info, e, x), p)
 
     def remove(self) -> ExpertsStats:
         self._handle.remove()
         return self.stats
 
 
-__all__ = ["ExpertsObserver", "ExpertsStats", "InputStats", "expert_intermediate", "expert_weight_kn"]
+class ExpertsInputRecorder:
+    """Records an experts module's input rows (`routed_rows`' `[M, H]`, on the CPU) per call while the model
+    runs; `remove()` unhooks it and returns them in call order. Run on the float stream, it gives the
+    float-stream targets an `ExpertsObserver(float_rows=...)` pairs with the quantized stream's calls."""
+
+    def __init__(self, module: nn.Module, info: ExpertsModuleInfo):
+        self.info, self.rows = info, []
+        self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    @torch.no_grad()
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.rows.append(routed_rows(self.info, args, kwargs)[0].detach().cpu())
+
+    def remove(self) -> list[Tensor]:
+        self._handle.remove()
+        return self.rows
+
+
+__all__ = ["ExpertsInputRecorder", "ExpertsObserver", "ExpertsStats", "InputStats", "expert_intermediate",
+           "expert_weight_kn"]

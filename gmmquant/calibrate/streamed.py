@@ -243,7 +243,7 @@ def check_streamed_recipe(recipe: Recipe) -> None:
     Raises:
         RecipeError: `algorithm: autoround` (learned rounding needs each expert's sampled routed rows, which
             chunk statistics do not keep) or `gptq.blend_all_tokens` > 0 (needs every token's Hessian per
-            expert, which chunk statistics do not collect).
+            expert, which chunk statistics do not collect), or `calibration.router_weighted`.
     """
     if recipe.algorithm == "autoround":
         raise RecipeError("algorithm: autoround is not supported by streamed calibration (FP8 / MXFP4 / compressed "
@@ -258,6 +258,10 @@ def check_streamed_recipe(recipe: Recipe) -> None:
         raise RecipeError("gptq.blend_all_tokens: not supported by streamed calibration (rule: the blended Hessian "
                           "needs every token's Hessian per expert, which the streamed path does not collect); set it to "
                           "0, or calibrate a bf16 source without max_memory")
+    if recipe.calibration.router_weighted and recipe.needs_activation_statistics:
+        raise RecipeError("calibration.router_weighted: not supported by streamed calibration (rule: its chunk "
+                          "statistics do not see the router weights); set it to false, or calibrate a bf16 source "
+                          "without max_memory")
 
 
 def calibrate_streamed(plan: StreamPlan, out_dir: "str | Path", recipe: Recipe, *, devices: list[str],

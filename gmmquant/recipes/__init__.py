@@ -62,6 +62,10 @@ class AutoRoundSettings:
         init: "rtn" (start from the float weight) or "gptq" (start from the GPTQ-quantized weight).
         min_clip: lower bound of the learned clip factors (1 = no clipping learned).
         learn_clip: learn the clip factors (else rounding only).
+        float_targets: learn each expert against the float model's output on the float model's own inputs
+            (a second, unquantized stream through the layers), not on the quantized stream's: the rounding
+            then also absorbs the error earlier quantized layers left (AutoRound's quantized-input mode).
+            One more float forward per layer.
     """
 
     iters: int = 200
@@ -72,6 +76,7 @@ class AutoRoundSettings:
     init: str = "rtn"
     min_clip: float = 0.5
     learn_clip: bool = True
+    float_targets: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,10 @@ class CalibrationSettings:
         all_experts: every expert's statistics see every calibration token (the model's outputs still use
             the real routing), so no expert is left uncalibrated.
         min_tokens: an expert whose statistics saw fewer tokens falls back to weight-only RTN (warned).
+        router_weighted: each routed token counts with its router weight squared in GPTQ's Hessian and in
+            learned rounding's loss (the expert's error on a token reaches the MoE block output scaled by
+            that weight), so tokens the router barely sends are not fitted at the cost of those it trusts.
+            Needs all_experts: false and experts called with their router weights (transformers 5).
     """
 
     dataset: str = "builtin"
@@ -115,6 +124,7 @@ class CalibrationSettings:
     batch_size: int = 8
     all_experts: bool = False
     min_tokens: int = 16
+    router_weighted: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,9 @@ def validate(recipe: Recipe) -> Recipe:
     for key in ("num_samples", "seq_len", "batch_size"):
         _positive(f"calibration.{key}", getattr(c, key))
     _positive("calibration.min_tokens", c.min_tokens, allow_zero=True)
+    if c.router_weighted and c.all_experts:
+        raise RecipeError("calibration.router_weighted: does not combine with calibration.all_experts (rule: a token "
+                          "not routed to an expert has no router weight there); keep one of the two")
     if not recipe.targets:
         raise RecipeError("targets: the list is empty, so nothing would be quantized")
     return recipe

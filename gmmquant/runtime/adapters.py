@@ -14,7 +14,7 @@ exist in transformers (ExpertsModuleInfo.call, pack/layouts.py):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,4 +122,17 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
     return inputs, ids.unsqueeze(-1)
 
 
-__all__ = ["GMMDenseExperts", "GMMDictExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows"]
+def routed_weights(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """The router weights `[M, k]` float32 of `routed_rows`' rows and expert ids, for the call conventions
+    that pass them to the experts (transformers 5's `forward(hidden_states, top_k_index, top_k_weights)`);
+    None for the others (their rows are already scaled, or the weights are applied outside the module)."""
+    if info.call not in ("routed", "routed+identity"):
+        return None
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    weights = bound.get("top_k_weights")
+    return None if weights is None else weights.detach().float()
+
+
+__all__ = ["GMMDenseExperts", "GMMDictExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows",
+           "routed_weights"]
