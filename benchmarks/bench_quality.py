@@ -45,8 +45,8 @@ from gmmquant.recipes import load_recipe, parse_recipe, recipe_names  # noqa: E4
 # algorithms branch is merged) is skipped, except SYM_GPTQ, which the benchmark builds itself.
 SYM_GPTQ = "w4a16-g128-sym-gptq"
 DEFAULT_RECIPES = ["w8a16", "w8a8-dynamic", "w4a8-dynamic", "w4a8-dynamic-awq", "w4a8-dynamic-autoround", "w4a8-dynamic-g128",
-                   "w4a16-g128",
-                   "w4a16-g128-gptq", "w4a16-g128-autoround", SYM_GPTQ, "w4a16-g128-sym-autoround"]
+                   "w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-awq", "w4a16-g128-autoround", SYM_GPTQ,
+                   "w4a16-g128-sym-awq", "w4a16-g128-sym-autoround"]
 PEER_KEYS = {"llmc-sym": ql.PEER_VARIANTS[0], "llmc-asym": ql.PEER_VARIANTS[1],
              "autoround-sym": ql.PEER_VARIANTS[2], "autoround-asym": ql.PEER_VARIANTS[3]}
 QUICK_WINDOWS = 24
@@ -253,9 +253,9 @@ def target_checks(results: Results) -> list[str]:
             have = [(means[r], r) for r in rows if r in means]
             return min(have) if have else None
         groups = {
-            "w4a16-g128 asym": (best(["w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-autoround"]),
+            "w4a16-g128 asym": (best(["w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-awq", "w4a16-g128-autoround"]),
                                 ["llm-compressor GPTQ asym", "AutoRound asym (200 it)"]),
-            "w4a16-g128 sym": (best([SYM_GPTQ, "w4a16-g128-sym-autoround"]),
+            "w4a16-g128 sym": (best([SYM_GPTQ, "w4a16-g128-sym-awq", "w4a16-g128-sym-autoround"]),
                                ["llm-compressor GPTQ sym", "AutoRound sym (200 it)"]),
             # no peer W4A8 row: compared with the peers' symmetric int4 group-128 weight-only rows (a stricter
             # bar: int8 activations on top; per-channel weights for the first group)

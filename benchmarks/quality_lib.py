@@ -204,15 +204,32 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_norm(model: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    """The norm whose output is MoE block `name`'s input (the decoder layer's `post_attention_layernorm`), or
+    None. The local error re-runs norm + block: a recipe may fold a factor into that norm (SmoothQuant,
+    weight-only AWQ), so the quantized block expects the quantized model's norm output, not the float one's."""
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    norm = getattr(parent, "post_attention_layernorm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
 @contextlib.contextmanager
 def record_moe_outputs(model: torch.nn.Module) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
-    """Within the block, every MoE block's (input, output) pairs are appended (detached) to `calls[name]`."""
+    """Within the block, every MoE block's (input, output) pairs are appended (detached) to `calls[name]`; the
+    input is that of the block's norm (`block_norm`) where it has one, else the block's own."""
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     handles = []
     for name, block in moe_blocks(model):
         calls[name] = []
+        norm = block_norm(model, name)
+        if norm is None:
+            handles.append(block.register_forward_hook(
+                lambda _m, args, out, name=name: calls[name].append((args[0].detach(), _output(out).detach()))))
+            continue
+        pending: list[torch.Tensor] = []
+        handles.append(norm.register_forward_hook(lambda _m, args, _out, pending=pending: pending.append(args[0].detach())))
         handles.append(block.register_forward_hook(
-            lambda _m, args, out, name=name: calls[name].append((args[0].detach(), _output(out).detach()))))
+            lambda _m, args, out, name=name, pending=pending: calls[name].append((pending.pop(), _output(out).detach()))))
     try:
         yield calls
     finally:
@@ -226,9 +243,9 @@ class MoEError:
     `reference` holds the float model's (input, output) of every call of every block (`record_moe_outputs`),
     on the same held-out windows in the same order as the quantized model is then run, so the k-th call of
     a block pairs with the k-th recorded one. Two numbers per block:
-      - `errors()` (local): the quantized block re-run on the float model's input to it, against the float
-        output: the error of that block's quantization alone (what the calibration report measures, on
-        held-out tokens);
+      - `errors()` (local): the quantized block re-run on the float model's input to it (through the block's
+        own norm, which a recipe may have folded a factor into), against the float output: the error of that
+        block's quantization alone (what the calibration report measures, on held-out tokens);
       - `end_to_end()`: the quantized block's output in the quantized model's own forward (its input carries
         the error of every earlier layer), against the float output.
     """
@@ -246,6 +263,7 @@ class MoEError:
         blocks = dict(moe_blocks(model))
         if set(blocks) != set(self.reference):
             raise ValueError(f"MoE blocks differ from the reference: {sorted(set(blocks) ^ set(self.reference))}")
+        self.norms = {name: block_norm(model, name) for name in blocks}
         handles = [block.register_forward_hook(lambda m, _a, out, name=name: self._add(name, m, _output(out)))
                    for name, block in blocks.items()]
         try:
@@ -263,7 +281,9 @@ class MoEError:
         self._busy = True
         try:
             with torch.no_grad():
-                local = _output(block(ref_in.to(out.device)))
+                norm = self.norms.get(name)
+                x = ref_in.to(out.device)
+                local = _output(block(norm(x) if norm is not None else x))
         finally:
             self._busy = False
         ref = ref_out.float()

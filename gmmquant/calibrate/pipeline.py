@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..pack.checkpoint import SaveReport, projection_tensors, save_quantized, weight_files
 from ..pack.format import ExpertsSpec, expert_tensor_owner
-from ..pack.layouts import ExpertsModuleInfo, disk_naming, find_experts_modules, meta_model, owned_by
+from ..pack.layouts import ExpertsModuleInfo, disk_naming, expert_weight, find_experts_modules, meta_model, owned_by
 from ..pack.primitives import QuantizedWeight, activation_dtype
 from ..pack.safety import check_output_target, read_model_config, scratch_dir
 from ..pack.budget import DEFAULT_MAX_MEMORY
@@ -44,10 +44,12 @@ from ..runtime.adapters import gmm_experts
 from ..runtime.experts import GMMProjection
 from ..runtime.replace import NoExpertsError, strip_float_experts, trim_heap
 from ..sources import source_format
+from .awq import awq_shared_factor
 from .capture import capture_layer_calls
 from .data import DatasetError, calibration_ids, load_texts
 from .devices import check_devices
 from .families import TOWER_WORDS, calibration_model_class, check_one_stack
+from .observers import OBSERVERS
 from .quantize import ModuleResult, quantize_experts
 from .smoothquant import apply_norm_fold, find_norm_fold, smoothing_factors, undo_norm_fold
 from .stats import ExpertsInputRecorder, ExpertsObserver, ExpertsStats
@@ -166,8 +168,9 @@ def _projection_tensors(path: str, proj: str, p: GMMProjection) -> dict[str, Ten
 
 
 def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stats: ExpertsStats, recipe: Recipe,
-                  check: Callable[[], float], tolerance: float) -> Optional[dict[str, Tensor]]:
-    """SmoothQuant's gate_up factor folded into the norm (and the experts' float weights, in place).
+                  check: Callable[[], float], tolerance: float, factor: Optional[Tensor] = None) -> Optional[dict[str, Tensor]]:
+    """A gate_up factor folded into the norm (and the experts' float weights, in place): SmoothQuant's, or
+    `factor` `[K]` (powers of two) when given (the weight-only AWQ search's).
 
     Returns the changed non-expert parameters (name in the layer -> tensor), or None when no fold is
     possible or the folded block differs from the original by more than `tolerance` (then undone)."""
@@ -187,7 +190,7 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
     param = getattr(module, info.param(first))
     k_axis = -2 if info.is_transposed else -1  # the input-channel axis of the fused [E, K, N] / [E, N, K]
     w_absmax = param.detach().abs().float().amax(dim=(0, -1 if info.is_transposed else -2))
-    s = smoothing_factors(act, w_absmax, recipe.smoothquant.alpha)
+    s = smoothing_factors(act, w_absmax, recipe.smoothquant.alpha) if factor is None else factor.to(act.device)
     saved = apply_norm_fold(fold, s)
     shape = [1, -1, 1] if k_axis == -2 else [1, 1, -1]
     with torch.no_grad():
@@ -198,20 +201,43 @@ def _fold_gate_up(layer: nn.Module, rel_path: str, info: ExpertsModuleInfo, stat
         undo_norm_fold(fold, saved)
         with torch.no_grad():
             param.copy_(original)
-        logger.warning("%s: folding SmoothQuant into the norm changed the block output by %.2e (> %.0e); "
-                       "using per-expert smooth scales instead", rel_path, error, tolerance)
+        logger.warning("%s: folding the gate_up factor into the norm changed the block output by %.2e (> %.0e); "
+                       "not folded", rel_path, error, tolerance)
         return None
     for st in stats.inputs[first]:  # the experts now see x / s
         if st.absmax is not None:
             st.absmax = st.absmax / s
         if st.hessian is not None:
             st.hessian = st.hessian / s.unsqueeze(0) / s.unsqueeze(1)
+        if st.samples is not None:  # learned rounding's rows (powers of two: exact in any dtype)
+            st.samples = (st.samples.float() / s.cpu()).to(st.samples.dtype)
+        if st.sample_targets is not None:
+            st.sample_targets = (st.sample_targets.float() / s.cpu()).to(st.sample_targets.dtype)
     if stats.all_inputs:  # the blend's all-token Hessian of gate_up: one object shared by every expert
         shared = stats.all_inputs[first][0]
         if shared.hessian is not None:
             shared.hessian = shared.hessian / s.unsqueeze(0) / s.unsqueeze(1)
     changed = {id(fold.norm.weight)} | {id(r.weight) for r in fold.readers}
     return {name: p.detach().clone() for name, p in layer.named_parameters() if id(p) in changed}
+
+
+def _awq_fold_factor(module: nn.Module, info: ExpertsModuleInfo, calls: list, recipe: Recipe, act: torch.dtype, *,
+                     seed: int, path: str) -> Optional[Tensor]:
+    """The weight-only AWQ factor `[K]` of one experts module's gate_up (calibrate/awq.py), or None when the
+    search keeps a = 0, the module has no gate_up -> down pair with a known activation, or saw no tokens."""
+    from .autoround import expert_activation
+
+    first = "gate_up_proj" if "gate_up_proj" in info.projections else "up_proj"
+    gate = expert_activation(module, info)
+    if gate is None or not calls:
+        logger.warning("%s: awq needs a gate_up -> down expert with a known activation; not scaled", path)
+        return None
+    s, err0, err = awq_shared_factor(calls, expert_weight(module, info, first).detach(),
+                                     expert_weight(module, info, "down_proj").detach(), gate, recipe.quant_scheme(), act,
+                                     OBSERVERS[recipe.observer], grid=recipe.awq.grid, max_rows=recipe.awq.max_rows,
+                                     seed=seed)
+    logger.info("%s: awq (norm fold) MoE output error %.4g -> %.4g", path, err0, err)
+    return None if bool((s == 1).all()) else s
 
 
 def _relative_error(pairs: list[tuple[Tensor, Tensor]]) -> float:
@@ -277,27 +303,37 @@ def _calibrate_layer(layer: nn.Module, index: int, prefix: str, mine: dict[str, 
     observers = {rel: ExpertsObserver(layer.get_submodule(rel), info, all_experts=recipe.calibration.all_experts,
                                       hessian=recipe.needs_hessians, inputs=recipe.needs_activation_statistics,
                                       samples=ar.max_rows if recipe.algorithm == "autoround" else
-                                      recipe.awq.max_rows if recipe.awq is not None else 0,
-                                      sample_all=recipe.awq is not None,
+                                      recipe.awq.max_rows if recipe.awq_per_expert else 0,
+                                      sample_all=recipe.awq_per_expert,
                                       seed=ar.seed + 7919 * index, blend=recipe.blends_all_tokens,
                                       router_weighted=recipe.calibration.router_weighted and recipe.needs_activation_statistics,
                                       float_rows=float_rows.get(rel))
                  for rel, info in mine.items()}
+    awq_fold = recipe.awq is not None and recipe.quant_scheme().weight_only
+    recorders = {rel: ExpertsInputRecorder(layer.get_submodule(rel), info, routing=True) for rel, info in mine.items()
+                 } if awq_fold else {}
     with _BlockOutputs(blocks) as float_run:
         inputs.run(layer)
     stats = {rel: obs.remove() for rel, obs in observers.items()}
+    awq_calls = {rel: r.remove() for rel, r in recorders.items()}
 
     changed: dict[str, Tensor] = {}
     folded: set[str] = set()
-    if recipe.smoothquant is not None and recipe.smoothquant.fold_norm:
+    if (recipe.smoothquant is not None and recipe.smoothquant.fold_norm) or awq_fold:
         for rel, info in mine.items():
             def check(rel=rel) -> float:
                 with _BlockOutputs({rel: blocks[rel]}) as probe:
                     inputs.run(layer, batches=1)
                 return _relative_error([(probe.outputs[rel][0], float_run.outputs[rel][0])])
 
+            factor = None
+            if awq_fold:
+                factor = _awq_fold_factor(layer.get_submodule(rel), info, awq_calls.pop(rel), recipe, act,
+                                          seed=ar.seed + 7919 * index, path=f"{prefix}.{rel}")
+                if factor is None:
+                    continue
             # power-of-two factors make the folded block exact, bar subnormals
-            fold = _fold_gate_up(layer, rel, info, stats[rel], recipe, check, tolerance=1e-3)
+            fold = _fold_gate_up(layer, rel, info, stats[rel], recipe, check, tolerance=1e-3, factor=factor)
             if fold is not None:
                 folded.add(rel)
                 changed.update(fold)

@@ -138,16 +138,16 @@ def quantize_experts(
         if learned is not None:  # learned rounding needs the first projection's rows for the whole expert
             fallback = [f or learned[proj][e] is None for e, f in enumerate(fallbacks_of(first))]
         result.seen[proj] = seen
-        per_expert_smooth = (smooth is not None and not (proj == first and gate_up_folded)) or recipe.awq is not None
+        per_expert_smooth = (smooth is not None and not (proj == first and gate_up_folded)) or recipe.awq_per_expert
         smooth_rows: list[Tensor] = []
         parts = []
         for e in range(info.num_experts):
             w = weights[e].detach().float()
             input_stats = stats.inputs[proj][e]
             if per_expert_smooth:
-                if fallback[e] or (recipe.awq is not None and input_stats.samples is None):
+                if fallback[e] or (recipe.awq_per_expert and input_stats.samples is None):
                     s = torch.ones(w.shape[0], device=w.device)
-                elif recipe.awq is not None:
+                elif recipe.awq_per_expert:
                     s, err0, err = awq_smooth_factor(input_stats.samples.to(w.device), w, scheme, act_dtype,
                                                      OBSERVERS[recipe.observer], grid=recipe.awq.grid)
                     input_stats.samples = None

@@ -205,16 +205,22 @@ class ExpertsObserver:
 
 class ExpertsInputRecorder:
     """Records an experts module's input rows (`routed_rows`' `[M, H]`, on the CPU) per call while the model
-    runs; `remove()` unhooks it and returns them in call order. Run on the float stream, it gives the
+    runs; `remove()` unhooks it and returns them in call order. With `routing`, each call's record is
+    (rows, expert ids `[M, k]`, router weights `[M, k]` or None). Run on the float stream, it gives the
     float-stream targets an `ExpertsObserver(float_rows=...)` pairs with the quantized stream's calls."""
 
-    def __init__(self, module: nn.Module, info: ExpertsModuleInfo):
-        self.info, self.rows = info, []
+    def __init__(self, module: nn.Module, info: ExpertsModuleInfo, routing: bool = False):
+        self.info, self.rows, self.routing = info, [], routing
         self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
 
     @torch.no_grad()
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.rows.append(routed_rows(self.info, args, kwargs)[0].detach().cpu())
+        hidden, index = routed_rows(self.info, args, kwargs)
+        if not self.routing:
+            self.rows.append(hidden.detach().cpu())
+            return
+        weights = routed_weights(self.info, args, kwargs)  # None: the call convention has none (weight 1)
+        self.rows.append((hidden.detach().cpu(), index.detach().cpu(), None if weights is None else weights.cpu()))
 
     def remove(self) -> list[Tensor]:
         self._handle.remove()

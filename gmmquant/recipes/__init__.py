@@ -158,6 +158,11 @@ class Recipe:
         return self.algorithm != "rtn" or self.smoothquant is not None or self.awq is not None or self.quant_scheme().activation == "static"
 
     @property
+    def awq_per_expert(self) -> bool:
+        """AWQ through the per-expert smooth_scale (dynamic per-token activation schemes)."""
+        return self.awq is not None and self.quant_scheme().activation == "dynamic"
+
+    @property
     def needs_hessians(self) -> bool:
         """Whether quantizing needs per-expert GPTQ Hessians (GPTQ, or learned rounding started from GPTQ)."""
         return self.algorithm == "gptq" or (self.algorithm == "autoround" and self.autoround.init == "gptq")
@@ -258,17 +263,16 @@ def validate(recipe: Recipe) -> Recipe:
     if not 0.0 < a.min_clip <= 1.0:
         raise RecipeError(f"autoround.min_clip: must be in (0, 1], got {a.min_clip}")
     if recipe.awq is not None:
-        if scheme.activation != "dynamic":
-            raise RecipeError(f"awq: needs per-token int8 activations (a w8a8-/w4a8-dynamic scheme), whose per-expert "
-                              f"smooth_scale carries the activations' 1/s; scheme {recipe.scheme!r} has "
-                              + ("no activation scale in the kernel (weight-only)" if scheme.weight_only
-                                 else "static per-tensor activation scales"))
+        if scheme.activation == "static":
+            raise RecipeError(f"awq: needs per-token int8 activations (a w8a8-/w4a8-dynamic scheme, whose per-expert "
+                              f"smooth_scale carries the activations' 1/s) or a weight-only scheme (1/s folded into the "
+                              f"norm); scheme {recipe.scheme!r} has static per-tensor activation scales")
         if recipe.smoothquant is not None:
             raise RecipeError("awq: does not combine with smoothquant (rule: both set the per-expert smooth_scale); "
                               "keep one of the two sections")
-        if recipe.algorithm == "autoround":
-            raise RecipeError("awq: does not combine with algorithm: autoround (rule: the rounding is learned on "
-                              "the unscaled expert); use algorithm: rtn or gptq with awq")
+        if recipe.algorithm == "autoround" and not scheme.weight_only:
+            raise RecipeError("awq: does not combine with algorithm: autoround for dynamic schemes (rule: the rounding "
+                              "is learned on the unscaled expert); use algorithm: rtn or gptq with awq")
         _positive("awq.grid", recipe.awq.grid)
         _positive("awq.max_rows", recipe.awq.max_rows)
     if recipe.algorithm == "autoround" and recipe.smoothquant is not None:
