@@ -124,7 +124,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         recipe = validate(dataclasses.replace(recipe, symmetric=args.symmetric))
     from .interop.engines import get_engine
 
-    get_engine(args.target).check(recipe.quant_scheme(), smoothquant=recipe.smoothquant is not None)
+    # SmoothQuant and per-expert AWQ both leave per-expert smooth_scale factors in the checkpoint
+    get_engine(args.target).check(recipe.quant_scheme(), smoothquant=recipe.smoothquant is not None or recipe.awq_per_expert)
     from .builtin import resolve_model
     from .calibrate.pipeline import calibrate_model
 

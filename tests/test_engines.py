@@ -62,6 +62,7 @@ def test_smoothquant_reaches_only_hf():
     ("w4a16-g128", "vllm-ascend", ["--asymmetric"], "asymmetric W4A16"),
     ("w8a8-static", "vllm", [], "W8A8 static"),
     ("w8a8-dynamic-smooth", "vllm-ascend", [], "SmoothQuant"),
+    ("w4a8-dynamic-awq", "vllm-ascend", [], "per-expert AWQ"),  # its smooth_scale has no place in the ascend format
 ])
 def test_calibrate_refuses_before_loading_the_model(tmp_path, capsys, recipe, target, extra, rule):
     missing = tmp_path / "no-such-model"  # never opened: the refusal comes first

@@ -532,7 +532,7 @@ def calibrate_model(
                         else:
                             yield out_name, f.get_tensor(name)
             if overrides:
-                raise RuntimeError(f"SmoothQuant changed {sorted(overrides)} but they are not in {src}'s files")
+                raise RuntimeError(f"the norm fold (SmoothQuant / AWQ) changed {sorted(overrides)} but they are not in {src}'s files")
             side_files["calibration.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
 
         report.save = save_quantized(out_dir, config=config_dict, specs=specs, tensors=all_tensors(), act_dtype=act,

@@ -66,11 +66,11 @@ class Engine:
         """Why this engine cannot run `scheme` (with SmoothQuant factors if `smoothquant`), or None."""
         why = self.rule(scheme)
         if why is None and smoothquant and not self.smoothquant:
-            why = ("SmoothQuant leaves per-expert smooth_scale factors (down_proj's cannot be folded into a norm) "
-                   f"that the {self.export} format has no place for")
+            why = ("SmoothQuant / per-expert AWQ leave per-expert smooth_scale factors (down_proj's cannot be folded "
+                   f"into a norm) that the {self.export} format has no place for")
         if why is None:
             return None
-        return (f"scheme {scheme.name!r}{' with SmoothQuant' if smoothquant else ''} cannot run on {self.name} {self.version} "
+        return (f"scheme {scheme.name!r}{' with per-expert smooth scales' if smoothquant else ''} cannot run on {self.name} {self.version} "
                 f"MoE layers: {why}. {self.name} runs: {self.runs}")
 
     def check(self, scheme: QuantScheme, *, smoothquant: bool = False) -> None:
