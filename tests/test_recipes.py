@@ -63,6 +63,19 @@ BAD = [
     ("scheme: w4a16-g128\ngptq: {block_size: 96}\n", "gptq.block_size"),
     ("- just\n- a list\n", "recipe: expected a mapping"),
     ("scheme: [unclosed\n", "not valid YAML"),
+    # learned rounding, GPTQ blend, AWQ, router weighting
+    ("scheme: w4a16\nalgorithm: autoround\nautoround: {iters: 0}\n", "autoround.iters: must be > 0"),
+    ("scheme: w4a16\nautoround: {init: awq}\n", "autoround.init: must be one of"),
+    ("scheme: w4a16\nautoround: {min_clip: 0}\n", "autoround.min_clip: must be in (0, 1]"),
+    ("scheme: w4a16\nautoround: {lr: -1}\n", "autoround.lr: must be > 0"),
+    ("scheme: w4a16\nautoround: {itres: 3}\n", "autoround.itres: unknown key"),
+    ("scheme: w4a16\ngptq: {blend_all_tokens: -1}\n", "gptq.blend_all_tokens: must be >= 0"),
+    ("scheme: w8a8-dynamic\nalgorithm: autoround\nsmoothquant: {alpha: 0.5}\n", "autoround: learned rounding does not"),
+    ("scheme: w8a8-static\nawq: {grid: 20}\n", "awq: needs per-token int8 activations"),
+    ("scheme: w4a8-dynamic\nawq: {grid: 0}\n", "awq.grid: must be > 0"),
+    ("scheme: w4a8-dynamic\nawq: {}\nsmoothquant: {alpha: 0.5}\n", "awq: does not combine with smoothquant"),
+    ("scheme: w4a8-dynamic\nalgorithm: autoround\nawq: {}\n", "awq: does not combine with algorithm: autoround"),
+    ("scheme: w4a16\ncalibration: {router_weighted: true, all_experts: true}\n", "calibration.router_weighted: does not"),
 ]
 
 

@@ -31,7 +31,6 @@ from ..kernels import pack_int4
 from ..pack.primitives import (
     QuantizedWeight,
     antiquant_offset,
-    group_view,
     minmax,
     quant_range,
     quantize,
