@@ -272,12 +272,9 @@ def autoround_expert(
     return AutoRoundResult(quantized, loss_start, loss_best)
 
 
-def sample_rows(x: Tensor, max_rows: int, seed: int) -> Tensor:
-    """At most `max_rows` rows of `[M, K]` x, chosen by a seeded generator (deterministic), in order."""
-    return x[_sample_index(x.shape[0], max_rows, seed, x.device)]
-
-
 def _sample_index(m: int, max_rows: int, seed: int, device) -> Tensor:
+    """int64 indices of at most `max_rows` of `m` rows, chosen by a seeded generator (deterministic), sorted;
+    the rows, their router weights and their float-stream twins are all taken with them."""
     if m <= max_rows:
         return torch.arange(m, device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -377,4 +374,4 @@ def autoround_module(module, info, stats, recipe, act_dtype: torch.dtype, fallba
 
 
 __all__ = ["ARLayer", "AutoRoundResult", "autoround_expert", "autoround_module", "expert_activation",
-           "fake_quant_tokens", "final_quantize", "sample_rows"]
+           "fake_quant_tokens", "final_quantize"]

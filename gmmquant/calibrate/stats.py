@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pack.layouts import ExpertsModuleInfo, expert_weight
-from ..runtime.adapters import routed_rows, routed_weights
+from ..runtime.adapters import ROUTER_WEIGHTED_CALLS, routed_rows, routed_weights
 from ..runtime.experts import gate_function
 from .gptq import accumulate_hessian
 
@@ -144,7 +144,7 @@ class ExpertsObserver:
         if info.linear_names:
             raise ValueError(f"{info.path}: calibrating an nn.ModuleList of experts is not supported; "
                                       "load the model with transformers >= 5 so its experts are fused")
-        if router_weighted and (all_experts or info.call not in ("routed", "routed+identity")):
+        if router_weighted and (all_experts or info.call not in ROUTER_WEIGHTED_CALLS):
             raise ValueError(f"{info.path}: calibration.router_weighted needs routed calibration (all_experts: false) "
                              f"and experts called with their router weights (forward(hidden, top_k_index, top_k_weights)); "
                              f"this module's call convention is {info.call!r}")
@@ -222,7 +222,8 @@ class ExpertsInputRecorder:
         weights = routed_weights(self.info, args, kwargs)  # None: the call convention has none (weight 1)
         self.rows.append((hidden.detach().cpu(), index.detach().cpu(), None if weights is None else weights.cpu()))
 
-    def remove(self) -> list[Tensor]:
+    def remove(self) -> list:
+        """Unhook; the records in call order (rows, or (rows, expert ids, router weights) with `routing`)."""
         self._handle.remove()
         return self.rows
 

@@ -95,6 +95,17 @@ def gmm_experts(source: nn.Module, info: ExpertsModuleInfo, projections: dict[st
     return cls(source, info, projections, canonical_order)
 
 
+# Call conventions whose experts receive the router weights (transformers 5's forward(hidden_states,
+# top_k_index, top_k_weights)); the others get rows already scaled, or are weighted outside the module.
+ROUTER_WEIGHTED_CALLS = ("routed", "routed+identity")
+_ROUTED_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _bind_routed(args: tuple, kwargs: dict) -> dict:
+    """The routed call's arguments by name (positional or keyword)."""
+    return dict(zip(_ROUTED_ARGS, args)) | {k: v for k, v in kwargs.items() if k in _ROUTED_ARGS}
+
+
 def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     """From an experts module's call arguments: (rows `[M, H]`, expert ids `[M, k]`), as the observers of
     calibration see them. "dense": the rows with a non-zero router score (already scaled by it, which is
@@ -105,9 +116,8 @@ def routed_rows(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> tuple[Ten
         if selection.dim() == 3:
             return hidden, torch.where(selection.any(dim=-1), selection.int().argmax(dim=-1), info.num_experts)
         return hidden, selection
-    if info.call in ("routed", "routed+identity"):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    if info.call in ROUTER_WEIGHTED_CALLS:
+        bound = _bind_routed(args, kwargs)
         return bound["hidden_states"], bound["top_k_index"]
     if info.call == "dense":
         routed_in = args[0] if args else kwargs["hidden_states"]
@@ -126,13 +136,11 @@ def routed_weights(info: ExpertsModuleInfo, args: tuple, kwargs: dict) -> Option
     """The router weights `[M, k]` float32 of `routed_rows`' rows and expert ids, for the call conventions
     that pass them to the experts (transformers 5's `forward(hidden_states, top_k_index, top_k_weights)`);
     None for the others (their rows are already scaled, or the weights are applied outside the module)."""
-    if info.call not in ("routed", "routed+identity"):
+    if info.call not in ROUTER_WEIGHTED_CALLS:
         return None
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    weights = bound.get("top_k_weights")
+    weights = _bind_routed(args, kwargs).get("top_k_weights")
     return None if weights is None else weights.detach().float()
 
 
-__all__ = ["GMMDenseExperts", "GMMDictExperts", "GMMIdentityExperts", "GMMSortedProjection", "gmm_experts", "routed_rows",
-           "routed_weights"]
+__all__ = ["GMMDenseExperts", "GMMDictExperts", "GMMIdentityExperts", "GMMSortedProjection", "ROUTER_WEIGHTED_CALLS",
+           "gmm_experts", "routed_rows", "routed_weights"]
